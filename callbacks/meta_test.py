@@ -1,0 +1,94 @@
+"""Meta-test evaluation: trials on held-out tasks, logged as the adaptation curve."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torchmetrics.aggregation import MeanMetric
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from lightning_htrmrl.envs.base import ConfigError, Split, check_split
+from lightning_htrmrl.envs.trial import TrialEnv
+
+
+class MetaTestEvaluation(Callback):
+    """Every ``every_n_epochs`` epochs, run one trial of ``K`` episodes per env on ``split`` tasks.
+
+    Memory is kept across the episodes of a trial and cleared between trials, exactly as in
+    training. Logs ``{prefix}/success``, ``{prefix}/return`` and, for ``k = 1..K``,
+    ``{prefix}/success_ep{k}`` and ``{prefix}/return_ep{k}`` (an episode is a success if the task is
+    solved at any of its steps). Values are averaged over envs with torchmetrics (synced across
+    processes).
+
+    Args:
+        every_n_epochs: evaluation period in training epochs.
+        num_envs: trials per evaluation; ``None`` runs one trial on every task of ``split``
+            (tasks are assigned in order, so ``num_envs`` >= the number of tasks covers them all).
+        split: ``test`` (held-out tasks) or ``train``.
+        deterministic: act with the distribution's mean instead of sampling (default: sample, as
+            exploration in early episodes is part of in-context adaptation).
+        seed: seeds the evaluation envs and memory; the same tasks are used at every evaluation.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        num_envs: int | None = None,
+        split: Split = "test",
+        deterministic: bool = False,
+        seed: int = 12345,
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ConfigError(f"MetaTestEvaluation.every_n_epochs must be >= 1, got {every_n_epochs}")
+        if num_envs is not None and num_envs < 1:
+            raise ConfigError(f"MetaTestEvaluation.num_envs must be >= 1 or null, got {num_envs}")
+        check_split(split)
+        self.every_n_epochs = every_n_epochs
+        self.num_envs = num_envs
+        self.split = split
+        self.deterministic = deterministic
+        self.seed = seed
+        self.prefix = "meta_test" if split == "test" else "meta_train_eval"
+        self._env: TrialEnv | None = None
+        self.last_results: dict[str, float] = {}
+
+    def _get_env(self, trainer: Trainer) -> TrialEnv:
+        if self._env is None:
+            benchmark = trainer.datamodule.benchmark
+            num_envs = self.num_envs or len(benchmark.task_names(self.split))
+            self._env = benchmark.make_env(self.split, num_envs, seed=self.seed, cycle_tasks=True)
+        return self._env
+
+    @torch.no_grad()
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
+        """Run the trials and return the synced metrics."""
+        env = self._get_env(trainer)
+        env.set_seed(self.seed)
+        policy = pl_module.make_policy(seed=self.seed)
+        exploration = ExplorationType.DETERMINISTIC if self.deterministic else ExplorationType.RANDOM
+        k, length = env.episodes_per_trial, env.episode_length
+        with set_exploration_type(exploration):
+            rollout = env.rollout(k * length, policy, break_when_any_done=False)
+        success = rollout["next", "success"].reshape(-1, k, length).any(-1).float()
+        returns = rollout["next", "reward"].reshape(-1, k, length).sum(-1)
+        per_episode = {"success": success, "return": returns}
+        metrics: dict[str, torch.Tensor] = {}
+        for name, values in per_episode.items():
+            metrics[f"{self.prefix}/{name}"] = self._mean(values, pl_module)
+            for episode in range(k):
+                metrics[f"{self.prefix}/{name}_ep{episode + 1}"] = self._mean(values[:, episode], pl_module)
+        return metrics
+
+    @staticmethod
+    def _mean(values: torch.Tensor, pl_module: LightningModule) -> torch.Tensor:
+        metric = MeanMetric().to(pl_module.device)
+        metric.update(values.to(pl_module.device))
+        return metric.compute()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        metrics = self.evaluate(trainer, pl_module)
+        self.last_results = {key: float(value) for key, value in metrics.items()}
+        pl_module.log_dict(metrics, batch_size=1)
+        pl_module.log(f"{self.prefix}_success", metrics[f"{self.prefix}/success"], prog_bar=True, logger=False, batch_size=1)

@@ -1,0 +1,154 @@
+"""LightningDataModule: a TorchRL Collector that yields batches of whole trials.
+
+The collector is built in :meth:`MetaRLDataModule.train_dataloader`, i.e. after the model has been
+moved to its device, with the model's collection policy (episodic memory + encoder + actor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from lightning.pytorch import LightningDataModule
+from tensordict import TensorDictBase
+from torch.utils.data import DataLoader, IterableDataset
+from torchrl.collectors import Collector
+
+from lightning_htrmrl.envs.base import ConfigError, TaskDistribution, require_positive
+
+
+def _identity(batch: TensorDictBase) -> TensorDictBase:
+    return batch
+
+
+class TrialBatches(IterableDataset):
+    """``iterations`` batches of whole trials ``[rows, K*L]`` per epoch from a running collector."""
+
+    def __init__(self, collector: Collector, iterations: int, trial_frames: int) -> None:
+        self.collector = collector
+        self.iterations = iterations
+        self.trial_frames = trial_frames
+        self._batches: Iterator[TensorDictBase] | None = None
+
+    def __iter__(self) -> Iterator[TensorDictBase]:
+        if self._batches is None:
+            self._batches = iter(self.collector)
+        for _ in range(self.iterations):
+            self.collector.update_policy_weights_()
+            batch = next(self._batches)
+            # One row per trial; the features are recomputed in training and not needed here.
+            yield batch.exclude("features", "collector").reshape(-1, self.trial_frames)
+
+    def __len__(self) -> int:
+        return self.iterations
+
+
+class MetaRLDataModule(LightningDataModule):
+    """Collects whole trials of a task distribution's train split.
+
+    Args:
+        benchmark: the task distribution (class path and options).
+        num_envs: ``M``, env slots stepped as one batch per collector process.
+        trials_per_env: trials each slot runs per batch (a batch is ``M * trials_per_env`` trials).
+        num_collectors: collector processes (1: collect in the training process).
+        iterations_per_epoch: training steps (collected batches) per Lightning epoch.
+        seed: seeds task sampling and window sampling.
+    """
+
+    def __init__(
+        self,
+        benchmark: TaskDistribution,
+        num_envs: int = 32,
+        trials_per_env: int = 1,
+        num_collectors: int = 1,
+        iterations_per_epoch: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for key, value in (
+            ("num_envs", num_envs),
+            ("trials_per_env", trials_per_env),
+            ("num_collectors", num_collectors),
+            ("iterations_per_epoch", iterations_per_epoch),
+        ):
+            require_positive(f"data.{key}", value)
+        if not isinstance(benchmark, TaskDistribution):
+            raise ConfigError(f"data.benchmark must be a TaskDistribution, got {type(benchmark).__name__}")
+        self.benchmark = benchmark
+        self.num_envs = num_envs
+        self.trials_per_env = trials_per_env
+        self.num_collectors = num_collectors
+        self.iterations_per_epoch = iterations_per_epoch
+        self.seed = seed
+        self.collector: Collector | None = None
+
+    # Dimensions linked into the model by the CLI.
+    @property
+    def obs_dim(self) -> int:
+        return self.benchmark.obs_dim
+
+    @property
+    def action_dim(self) -> int:
+        return self.benchmark.action_dim
+
+    @property
+    def episode_length(self) -> int:
+        return self.benchmark.episode_length
+
+    @property
+    def episodes_per_trial(self) -> int:
+        return self.benchmark.episodes_per_trial
+
+    @property
+    def trial_frames(self) -> int:
+        """Frames in one trial, ``K * L``."""
+        return self.episode_length * self.episodes_per_trial
+
+    @property
+    def frames_per_batch(self) -> int:
+        """Frames per training batch over all collector processes (always whole trials)."""
+        return self.num_collectors * self.num_envs * self.trials_per_env * self.trial_frames
+
+    @property
+    def env_seed(self) -> int:
+        """Base seed of this process's envs (distinct per distributed rank)."""
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return self.seed + 1_000_003 * rank
+
+    def _make_env(self, worker: int = 0):
+        return self.benchmark.make_env("train", self.num_envs, seed=self.env_seed + 7919 * worker)
+
+    def train_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module
+        policy = module.make_policy(seed=self.env_seed)
+        if self.num_collectors == 1:
+            self.collector = Collector(
+                self._make_env(),
+                policy,
+                frames_per_batch=self.frames_per_batch,
+                total_frames=-1,
+                policy_device=module.device,
+                env_device="cpu",
+                storing_device=module.device,
+                auto_register_policy_transforms=False,
+            )
+        else:
+            self.collector = Collector(
+                [lambda worker=w: self._make_env(worker) for w in range(self.num_collectors)],
+                policy,
+                num_collectors=self.num_collectors,
+                sync=True,
+                frames_per_batch=self.frames_per_batch,
+                total_frames=-1,
+                policy_device=module.device,
+                env_device="cpu",
+                storing_device=module.device,
+                auto_register_policy_transforms=False,
+            )
+        dataset = TrialBatches(self.collector, self.iterations_per_epoch, self.trial_frames)
+        return DataLoader(dataset, batch_size=None, collate_fn=_identity)
+
+    def teardown(self, stage: str) -> None:
+        if self.collector is not None:
+            self.collector.shutdown()
+            self.collector = None

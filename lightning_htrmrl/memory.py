@@ -1,0 +1,174 @@
+"""Episodic memory: the ``N`` most recent episodes of the current trial, per env, and window sampling.
+
+The policy conditions on ``N`` episodes: the ``N - 1`` previous episodes of the trial (one length-``T``
+window each, with a uniformly drawn start that is sampled once when an episode begins) and the
+current episode (its last ``T`` tokens). The same window arithmetic serves collection (a ring
+buffer of episodes, :class:`EpisodicMemory`) and training (whole trials in a batch,
+:func:`episode_records`), so both paths see identical inputs by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+
+def past_episode_ids(episode_idx: torch.Tensor, num_past: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the past episodes in memory, oldest first, and whether they exist.
+
+    Args:
+        episode_idx: ``[*B]`` index of the current episode within its trial.
+        num_past: ``N - 1``.
+
+    Returns:
+        ``ids [*B, N-1]`` (clamped to >= 0) and ``valid [*B, N-1]`` (bool).
+    """
+    offsets = torch.arange(num_past, 0, -1, device=episode_idx.device)
+    ids = episode_idx.unsqueeze(-1) - offsets
+    return ids.clamp_min(0), ids >= 0
+
+
+def gather_windows(episodes: torch.Tensor, episode_ids: torch.Tensor, starts: torch.Tensor, window: int) -> torch.Tensor:
+    """Cut length-``window`` token windows out of stored episodes.
+
+    Args:
+        episodes: ``[B, E, L, D]`` tokens of ``E`` stored episodes per row.
+        episode_ids: ``[B, *I]`` which stored episode each window comes from.
+        starts: ``[B, *I]`` first step of each window.
+        window: ``T``.
+
+    Returns:
+        ``[B, *I, T, D]``.
+    """
+    batch = episodes.shape[0]
+    steps = starts.unsqueeze(-1) + torch.arange(window, device=starts.device)
+    rows = torch.arange(batch, device=starts.device).view(batch, *([1] * (steps.dim() - 1)))
+    return episodes[rows, episode_ids.unsqueeze(-1), steps]
+
+
+def current_windows(tokens: torch.Tensor, step: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The current episode's last ``T`` tokens at each step, left-aligned.
+
+    Args:
+        tokens: ``[B, L, D]`` tokens of one episode per row (only steps <= ``step`` are read).
+        step: ``[B, *S]`` step index within the episode.
+        window: ``T`` (must be <= ``L``).
+
+    Returns:
+        ``windows [B, *S, T, D]`` and ``length [B, *S]``: the window covers steps
+        ``max(0, t - T + 1) .. t``; positions ``>= length`` are padding and must be masked.
+    """
+    start = (step - window + 1).clamp_min(0)
+    length = step - start + 1
+    episode = torch.zeros_like(step)
+    return gather_windows(tokens.unsqueeze(1), episode, start, window), length
+
+
+def sample_window_starts(shape: tuple[int, ...], episode_length: int, window: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform window starts in ``[0, L - T]``, shape ``shape``."""
+    return torch.randint(episode_length - window + 1, shape, generator=generator)
+
+
+class EpisodicMemory:
+    """Per-env ring buffer (a TensorDict ``[M, N, L]``) of the tokens of the ``N`` latest episodes.
+
+    Episode ``j`` of a trial lives in slot ``j % N``. Slots of an env are zeroed when its trial
+    starts; nothing is cleared between the episodes of a trial.
+
+    Args:
+        num_envs: ``M``.
+        num_episodes: ``N`` (current episode included).
+        episode_length: ``L``.
+        window: ``T``.
+        token_dim: ``D``.
+        seed: seeds the window-start sampler.
+        device: storage device.
+    """
+
+    def __init__(
+        self,
+        num_envs: int,
+        num_episodes: int,
+        episode_length: int,
+        window: int,
+        token_dim: int,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.num_episodes = num_episodes
+        self.episode_length = episode_length
+        self.window = window
+        self.storage = TensorDict(
+            {"token": torch.zeros(num_envs, num_episodes, episode_length, token_dim, device=device)},
+            batch_size=[num_envs, num_episodes, episode_length],
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def num_envs(self) -> int:
+        return self.storage.shape[0]
+
+    def clear(self, env_mask: torch.Tensor) -> None:
+        """Forget every stored episode of the envs in ``env_mask [M]``."""
+        self.storage[env_mask] = 0.0
+
+    def write(self, token: torch.Tensor, episode_idx: torch.Tensor, step: torch.Tensor) -> None:
+        """Store ``token [M, D]`` at (episode ``episode_idx [M]``, step ``step [M]``) of each env."""
+        envs = torch.arange(self.num_envs, device=token.device)
+        self.storage["token"][envs, episode_idx % self.num_episodes, step] = token
+
+    def sample_past_windows(self, episode_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw one window per past episode for envs starting episode ``episode_idx [n]``.
+
+        Only valid for the ``n`` envs given (pass ``episode_idx`` of every env; select rows after).
+
+        Returns:
+            ``starts [M, N-1]``, ``valid [M, N-1]`` and ``windows [M, N-1, T, D]``.
+        """
+        num_past = self.num_episodes - 1
+        ids, valid = past_episode_ids(episode_idx, num_past)
+        starts = sample_window_starts(ids.shape, self.episode_length, self.window, self.generator).to(ids.device)
+        starts = starts * valid
+        windows = gather_windows(self.storage["token"], ids % self.num_episodes, starts, self.window)
+        return starts, valid, windows
+
+    def current_window(self, episode_idx: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current episode's last ``T`` tokens: ``window [M, T, D]``, ``length [M]``."""
+        envs = torch.arange(self.num_envs, device=step.device)
+        episode = self.storage["token"][envs, episode_idx % self.num_episodes]
+        return current_windows(episode, step, self.window)
+
+
+def episode_records(trials: TensorDictBase, num_episodes: int, window: int, episode_length: int) -> TensorDict:
+    """Split a batch of whole trials into one record per episode, with its past-window context.
+
+    Args:
+        trials: ``[B, K * L]`` collected trials holding ``token [B, K*L, D]`` and the window starts
+            sampled at collection ``window_starts [B, K*L, N-1]``.
+        num_episodes: ``N``.
+        window: ``T``.
+        episode_length: ``L``.
+
+    Returns:
+        TensorDict ``[B * K]`` with ``steps [B*K, L]`` (the per-step data of each episode),
+        ``past_windows [B*K, N-1, T, D]`` and ``past_valid [B*K, N-1]``.
+    """
+    batch, total = trials.shape
+    episodes_per_row = total // episode_length
+    steps = trials.reshape(batch * episodes_per_row, episode_length)
+    tokens = trials["token"].reshape(batch, episodes_per_row, episode_length, -1)
+    episode_idx = steps["episode_idx"][:, 0].reshape(batch, episodes_per_row)
+    ids, valid = past_episode_ids(episode_idx, num_episodes - 1)
+    # A collected row may hold several consecutive trials: index episodes within the row.
+    row_episode = torch.arange(episodes_per_row, device=ids.device).view(1, -1, 1)
+    row_ids = (row_episode - (episode_idx.unsqueeze(-1) - ids)).clamp_min(0)
+    starts = steps["window_starts"][:, 0].reshape(batch, episodes_per_row, num_episodes - 1)
+    windows = gather_windows(tokens, row_ids, starts, window)
+    return TensorDict(
+        {
+            "steps": steps,
+            "past_windows": windows.reshape(batch * episodes_per_row, num_episodes - 1, window, tokens.shape[-1]),
+            "past_valid": valid.reshape(batch * episodes_per_row, num_episodes - 1),
+        },
+        batch_size=[batch * episodes_per_row],
+    )

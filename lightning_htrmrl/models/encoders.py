@@ -1,0 +1,267 @@
+"""Context encoders: map the episodic memory and the current state to the features the heads see.
+
+Every encoder has two entry points that compute the same function:
+
+* collection (one step for ``M`` envs): :meth:`ContextEncoder.begin_episode` once per episode on the
+  past windows (its result is cached), then :meth:`ContextEncoder.step` at every step;
+* training (whole episodes): :meth:`ContextEncoder.forward`, which runs ``begin_episode`` once per
+  episode and ``step`` for all ``L`` steps of it as one batch.
+
+Encoders are built from config as ``encoder(obs_dim, action_dim)``; the remaining arguments are the
+model's hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+from lightning_htrmrl.envs.base import ConfigError, require_positive
+from lightning_htrmrl.memory import current_windows
+from lightning_htrmrl.models.layers import SequenceEncoder, SinusoidalPositionalEncoding, attention_mask, make_transformer
+
+
+class ContextEncoder(nn.Module, abc.ABC):
+    """Base class.
+
+    Args:
+        obs_dim: size of the state ``s_t``.
+        action_dim: size of the action.
+        num_episodes: ``N``, episodes in memory (the current one included).
+        window: ``T``, tokens per episode window.
+        state_embedding_dim: size of ``phi2(s_t)`` concatenated to the context (0: no state branch).
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int, num_episodes: int, window: int, state_embedding_dim: int) -> None:
+        super().__init__()
+        for key, value in (("num_episodes", num_episodes), ("window", window)):
+            require_positive(f"model.encoder.init_args.{key}", value)
+        if state_embedding_dim < 0:
+            raise ConfigError(f"model.encoder.init_args.state_embedding_dim must be >= 0, got {state_embedding_dim}")
+        self.obs_dim = obs_dim
+        self.action_dim = action_dim
+        self.token_dim = obs_dim + action_dim + 2
+        self.num_episodes = num_episodes
+        self.window = window
+        self.state_embedding = nn.Linear(obs_dim, state_embedding_dim) if state_embedding_dim else None
+        self.state_embedding_dim = state_embedding_dim
+
+    @property
+    @abc.abstractmethod
+    def context_dim(self) -> int:
+        """Size of the context ``z``."""
+
+    @property
+    def out_features(self) -> int:
+        """Size of the features ``[z, phi2(s)]`` given to the heads."""
+        return self.context_dim + self.state_embedding_dim
+
+    @abc.abstractmethod
+    def begin_episode(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
+        """Encode the past episodes once per episode.
+
+        Args:
+            past_windows: ``[M, N-1, T, D]`` one window per past episode.
+            past_valid: ``[M, N-1]`` whether that past episode exists.
+
+        Returns:
+            A cache TensorDict ``[M]`` handed to :meth:`step` at every step of the episode.
+        """
+
+    @abc.abstractmethod
+    def context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """Context ``z [M, context_dim]`` from the cache and the current window ``[M, T, D]``
+        whose first ``length [M]`` tokens are valid."""
+
+    def step(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor, observation: torch.Tensor) -> torch.Tensor:
+        """Features ``[M, out_features]`` for one step of ``M`` envs."""
+        z = self.context(cache, window, length)
+        if self.state_embedding is None:
+            return z
+        return torch.cat([z, self.state_embedding(observation)], dim=-1)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        observation: torch.Tensor,
+        past_windows: torch.Tensor,
+        past_valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """Features for every step of ``E`` whole episodes.
+
+        Args:
+            tokens: ``[E, L, D]``.
+            observation: ``[E, L, obs_dim]``.
+            past_windows: ``[E, N-1, T, D]``.
+            past_valid: ``[E, N-1]``.
+
+        Returns:
+            ``[E, L, out_features]``.
+        """
+        episodes, length = tokens.shape[:2]
+        cache = self.begin_episode(past_windows, past_valid)
+        step = torch.arange(length, device=tokens.device).expand(episodes, length)
+        windows, lengths = current_windows(tokens, step, self.window)
+        cache = cache.unsqueeze(1).expand(episodes, length).reshape(-1)
+        features = self.step(cache, windows.flatten(0, 1), lengths.flatten(), observation.flatten(0, 1))
+        return features.view(episodes, length, -1)
+
+
+def _window_valid(length: torch.Tensor, window: int) -> torch.Tensor:
+    return torch.arange(window, device=length.device) < length.unsqueeze(-1)
+
+
+class HierarchicalEncoder(ContextEncoder):
+    """HTrMRL: intra-episode transformer T1, inter-episode transformer T2, masked mean.
+
+    T1 (linear embedding + sinusoidal positions) encodes each episode's window into its output at
+    the last valid token. T2 (no positional encoding by default: episodes form a set) mixes the
+    ``N`` episode vectors under a key-padding mask for episodes that do not exist yet; their masked
+    mean is the task context ``z``. Past-episode encodings are computed once per episode and cached.
+
+    Args:
+        obs_dim, action_dim: env dimensions (linked from the task distribution).
+        num_episodes: ``N``.
+        window: ``T``.
+        d_model: width of both transformers.
+        num_heads: attention heads of both transformers.
+        intra_layers: layers of T1.
+        inter_layers: layers of T2.
+        ff_dim: feed-forward width.
+        state_embedding_dim: size of ``phi2(s_t)`` (0 disables the state branch: an ablation).
+        inter_positional: add sinusoidal positions (episode order) in T2 (an ablation).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        num_episodes: int = 4,
+        window: int = 10,
+        d_model: int = 64,
+        num_heads: int = 4,
+        intra_layers: int = 2,
+        inter_layers: int = 1,
+        ff_dim: int = 128,
+        state_embedding_dim: int = 64,
+        inter_positional: bool = False,
+    ) -> None:
+        super().__init__(obs_dim, action_dim, num_episodes, window, state_embedding_dim)
+        if d_model % num_heads:
+            raise ConfigError(f"model.encoder.init_args.d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.intra = SequenceEncoder(self.token_dim, d_model, num_heads, intra_layers, ff_dim, max_len=window)
+        self.inter = make_transformer(d_model, num_heads, inter_layers, ff_dim)
+        self.inter_position = SinusoidalPositionalEncoding(d_model, num_episodes) if inter_positional else None
+
+    @property
+    def context_dim(self) -> int:
+        return self.d_model
+
+    def encode_windows(self, windows: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """T1: ``windows [B, T, D]`` with ``length [B]`` valid tokens -> ``[B, d_model]``."""
+        return self.intra(windows, _window_valid(length, self.window), length - 1)
+
+    def begin_episode(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
+        envs, num_past = past_valid.shape
+        flat = past_windows.flatten(0, 1)
+        full = torch.full((len(flat),), self.window, device=flat.device)
+        encoding = self.encode_windows(flat, full) if len(flat) else flat.new_zeros(0, self.d_model)
+        return TensorDict(
+            {"past_encoding": encoding.view(envs, num_past, self.d_model), "past_valid": past_valid},
+            batch_size=[envs],
+        )
+
+    def pool(self, episodes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """T2 + masked mean: ``episodes [B, N, d]``, ``valid [B, N]`` -> ``z [B, d]``."""
+        if self.inter_position is not None:
+            episodes = self.inter_position(episodes)
+        mixed = self.inter(episodes, mask=attention_mask(valid, self.num_heads, causal=False))
+        weights = valid.unsqueeze(-1).to(mixed.dtype)
+        return (mixed * weights).sum(1) / weights.sum(1)
+
+    def context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        current = self.encode_windows(window, length)
+        episodes = torch.cat([cache["past_encoding"], current.unsqueeze(1)], dim=1)
+        valid = torch.cat([cache["past_valid"], torch.ones_like(cache["past_valid"][:, :1])], dim=1)
+        return self.pool(episodes, valid)
+
+
+class FlatTransformerEncoder(ContextEncoder):
+    """One flat transformer over all context tokens: TrMRL and the flat ablation.
+
+    The sequence is the ``N - 1`` past windows followed by the current window (``N * T`` tokens,
+    sinusoidal positions, causal attention as in TrMRL); the context is the output at the current
+    step's token. With ``num_episodes=1, window=5`` this is the TrMRL baseline (working memory of the
+    5 most recent transitions of the current episode). Nothing can be cached, so per-step cost grows
+    with ``N * T``.
+
+    Args:
+        obs_dim, action_dim: env dimensions.
+        num_episodes: ``N``.
+        window: ``T``.
+        d_model, num_heads, num_layers, ff_dim: transformer shape.
+        state_embedding_dim: size of ``phi2(s_t)`` (0: TrMRL, whose token already holds ``s_t``).
+        causal: causal attention.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        num_episodes: int = 1,
+        window: int = 5,
+        d_model: int = 64,
+        num_heads: int = 4,
+        num_layers: int = 3,
+        ff_dim: int = 128,
+        state_embedding_dim: int = 0,
+        causal: bool = True,
+    ) -> None:
+        super().__init__(obs_dim, action_dim, num_episodes, window, state_embedding_dim)
+        if d_model % num_heads:
+            raise ConfigError(f"model.encoder.init_args.d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+        self.d_model = d_model
+        self.encoder = SequenceEncoder(
+            self.token_dim, d_model, num_heads, num_layers, ff_dim, max_len=num_episodes * window, causal=causal
+        )
+
+    @property
+    def context_dim(self) -> int:
+        return self.d_model
+
+    def begin_episode(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
+        return TensorDict({"past_windows": past_windows, "past_valid": past_valid}, batch_size=[len(past_valid)])
+
+    def context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        past = cache["past_windows"].flatten(1, 2)
+        past_valid = cache["past_valid"].repeat_interleave(self.window, dim=1)
+        tokens = torch.cat([past, window], dim=1)
+        valid = torch.cat([past_valid, _window_valid(length, self.window)], dim=1)
+        return self.encoder(tokens, valid, past.shape[1] + length - 1)
+
+
+class MLPEncoder(ContextEncoder):
+    """No memory: the heads see the current state only (the lower-bound baseline).
+
+    Args:
+        obs_dim, action_dim: env dimensions.
+    """
+
+    def __init__(self, obs_dim: int, action_dim: int) -> None:
+        super().__init__(obs_dim, action_dim, num_episodes=1, window=1, state_embedding_dim=0)
+
+    @property
+    def context_dim(self) -> int:
+        return self.obs_dim
+
+    def begin_episode(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
+        return TensorDict({}, batch_size=[len(past_valid)])
+
+    def context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        # With T = 1 the window is the current token, whose first entries are s_t.
+        return window[:, 0, : self.obs_dim]

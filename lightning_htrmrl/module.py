@@ -1,0 +1,233 @@
+"""MetaPPO: the LightningModule that trains a context encoder + Gaussian actor/critic with PPO.
+
+One training step consumes one batch of whole trials ``[B, K * L]`` from the collector:
+
+1. split it into episode records (each with the past windows sampled at collection);
+2. recompute the features of every step with the current weights (exactly the inputs the policy
+   saw at collection), evaluate the critic and run :class:`~torchrl.objectives.value.GAE` over whole
+   trials (a trial is one long episode: exploration in episode 1 is credited by later episodes);
+3. ``ppo_epochs`` passes over minibatches of episodes from a TorchRL replay buffer, each pass
+   recomputing features with gradients and calling :class:`~torchrl.objectives.ClipPPOLoss`,
+   ``self.manual_backward``, ``self.clip_gradients`` and ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Callable, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDictReplayBuffer
+from torchrl.objectives import ClipPPOLoss
+from torchrl.objectives.value import GAE
+
+from lightning_htrmrl.envs.base import ConfigError, require_positive
+from lightning_htrmrl.memory import episode_records
+from lightning_htrmrl.models import ContextEncoder, HierarchicalEncoder, make_actor, make_critic, make_policy
+from lightning_htrmrl.models.heads import Distribution
+
+EncoderFactory = Callable[[int, int], ContextEncoder]
+LOSS_KEYS = ("loss_objective", "loss_critic", "loss_entropy")
+DIAGNOSTIC_KEYS = ("entropy", "clip_fraction", "kl_approx", "explained_variance", "ESS")
+
+
+class MetaPPO(LightningModule):
+    """PPO on whole trials for an in-context (RL^2-style) meta-RL policy.
+
+    Args:
+        obs_dim, action_dim, episode_length, episodes_per_trial: linked from the data module by the
+            CLI (never set them in YAML).
+        encoder: context encoder class and hyper-parameters, called as ``encoder(obs_dim, action_dim)``.
+        actor_hidden, critic_hidden: hidden sizes of the tanh MLP heads.
+        distribution: ``normal`` (the paper's Gaussian; the env clips actions) or ``tanh_normal``.
+        init_std: initial action standard deviation.
+        gamma, gae_lambda: discount and GAE lambda.
+        advantage_horizon: ``trial`` (bootstrap across the episodes of a trial, done only at its end)
+            or ``episode`` (every episode end is terminal).
+        clip_epsilon, entropy_coeff, critic_coeff, normalize_advantage: ClipPPOLoss settings.
+        ppo_epochs: passes over the batch per training step.
+        episodes_per_minibatch: episodes per gradient step.
+        max_grad_norm: gradient-norm clip.
+        optimizer: optimizer class and arguments (``lr`` must be > 0).
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        episode_length: int,
+        episodes_per_trial: int,
+        encoder: EncoderFactory = HierarchicalEncoder,
+        actor_hidden: list[int] = [64, 64],  # noqa: B006 (read-only; jsonargparse needs a literal)
+        critic_hidden: list[int] = [64, 64],  # noqa: B006
+        distribution: Distribution = "normal",
+        init_std: float = 1.0,
+        gamma: float = 0.99,
+        gae_lambda: float = 0.95,
+        advantage_horizon: Literal["trial", "episode"] = "trial",
+        clip_epsilon: float = 0.2,
+        entropy_coeff: float = 0.0,
+        critic_coeff: float = 0.5,
+        normalize_advantage: bool = True,
+        ppo_epochs: int = 4,
+        episodes_per_minibatch: int = 32,
+        max_grad_norm: float = 0.5,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+    ) -> None:
+        super().__init__()
+        for key, value in (
+            ("ppo_epochs", ppo_epochs),
+            ("episodes_per_minibatch", episodes_per_minibatch),
+            ("init_std", init_std),
+            ("clip_epsilon", clip_epsilon),
+            ("max_grad_norm", max_grad_norm),
+        ):
+            require_positive(f"model.{key}", value)
+        if not 0.0 <= gamma <= 1.0 or not 0.0 <= gae_lambda <= 1.0:
+            raise ConfigError(f"model.gamma and model.gae_lambda must lie in [0, 1], got {gamma}, {gae_lambda}")
+        self.save_hyperparameters(ignore=["encoder", "optimizer"])
+        self.encoder = encoder(obs_dim, action_dim)
+        if self.encoder.window > episode_length:
+            raise ConfigError(
+                f"model.encoder.init_args.window (T={self.encoder.window}) must be <= the episode length ({episode_length})"
+            )
+        if self.encoder.num_episodes > episodes_per_trial:
+            raise ConfigError(
+                f"model.encoder.init_args.num_episodes (N={self.encoder.num_episodes}) must be <= "
+                f"episodes_per_trial ({episodes_per_trial}): memory never spans trials"
+            )
+        self.actor = make_actor(self.encoder.out_features, action_dim, actor_hidden, distribution, init_std)
+        self.critic = make_critic(self.encoder.out_features, critic_hidden)
+        self.loss_module = ClipPPOLoss(
+            self.actor,
+            self.critic,
+            clip_epsilon=clip_epsilon,
+            entropy_bonus=entropy_coeff > 0,
+            entropy_coeff=entropy_coeff,
+            critic_coeff=critic_coeff,
+            loss_critic_type="l2",
+            normalize_advantage=normalize_advantage,
+        )
+        self.advantage_module = GAE(gamma=gamma, lmbda=gae_lambda, value_network=None)
+        self.optimizer_factory = optimizer
+        self.automatic_optimization = False
+        self.register_buffer("frames", torch.zeros((), dtype=torch.long))
+        self._last_batch_end: float | None = None
+
+    # ------------------------------------------------------------------ policies
+    def make_policy(self, seed: int = 0):
+        """A fresh collection/evaluation policy (own memory, shared weights)."""
+        return make_policy(self.encoder, self.actor, self.hparams.episode_length, seed)
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optimizer = self.optimizer_factory(self.parameters())
+        for group in optimizer.param_groups:
+            if "lr" in group and not group["lr"] > 0:
+                raise ConfigError(f"model.optimizer.init_args.lr must be > 0, got {group['lr']}")
+        return optimizer
+
+    def episode_records(self, trials: TensorDictBase) -> TensorDict:
+        """``[B, K*L]`` trials -> ``[B*K]`` episode records (see :func:`~lightning_htrmrl.memory.episode_records`)."""
+        return episode_records(trials, self.encoder.num_episodes, self.encoder.window, self.hparams.episode_length)
+
+    def episode_features(self, records: TensorDictBase) -> torch.Tensor:
+        """Features of every step of the episode records ``[E]`` -> ``[E, L, F]``."""
+        steps = records["steps"]
+        return self.encoder(steps["token"], steps["observation"], records["past_windows"], records["past_valid"])
+
+    @torch.no_grad()
+    def recompute_log_prob(self, trials: TensorDictBase) -> torch.Tensor:
+        """Log-probs of the collected actions under the current weights, ``[B*K, L]`` (parity check)."""
+        records = self.episode_records(trials)
+        steps = records["steps"].clone(False)
+        steps["features"] = self.episode_features(records)
+        return self.actor.get_dist(steps).log_prob(steps["action"])
+
+    @torch.no_grad()
+    def estimate_advantage(self, records: TensorDictBase, trials_shape: torch.Size) -> None:
+        """Write ``state_value``, ``advantage`` and ``value_target`` into ``records["steps"]``.
+
+        Values come from the current critic on recomputed features; GAE runs along each collected
+        row of whole trials (``trials_shape = [B, K*L]``).
+        """
+        steps = records["steps"]
+        chunk = self.hparams.episodes_per_minibatch
+        values = torch.cat([self.critic(TensorDict({"features": self.episode_features(records[i : i + chunk])},
+                                                   batch_size=steps[i : i + chunk].shape))["state_value"]
+                            for i in range(0, len(records), chunk)])
+        trials = steps.reshape(trials_shape)
+        values = values.reshape(*trials_shape, 1)
+        if self.hparams.advantage_horizon == "episode":
+            done = (trials["step_in_episode"] == self.hparams.episode_length - 1).unsqueeze(-1)
+        else:
+            done = trials["next", "done"]
+        next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
+        gae_input = TensorDict(
+            {
+                "state_value": values,
+                "next": {"state_value": next_values, "reward": trials["next", "reward"], "done": done, "terminated": done},
+            },
+            batch_size=trials_shape,
+        )
+        self.advantage_module(gae_input)
+        for key in ("state_value", "advantage", "value_target"):
+            steps[key] = gae_input[key].reshape(*steps.shape, 1)
+
+    def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        records = self.episode_records(batch)
+        self.estimate_advantage(records, batch.shape)
+        buffer = TensorDictReplayBuffer(
+            storage=LazyTensorStorage(len(records), device=self.device),
+            sampler=SamplerWithoutReplacement(),
+            batch_size=min(self.hparams.episodes_per_minibatch, len(records)),
+        )
+        buffer.extend(records)
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        updates = 0
+        for _ in range(self.hparams.ppo_epochs):
+            for minibatch in buffer:
+                steps = minibatch["steps"].clone(False)
+                steps["features"] = self.episode_features(minibatch)
+                losses = self.loss_module(steps)
+                loss = sum(losses[key] for key in LOSS_KEYS if key in losses.keys())
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+                optimizer.step()
+                updates += 1
+                sums["loss"] += loss.detach()
+                for key in LOSS_KEYS + DIAGNOSTIC_KEYS:
+                    if key in losses.keys():
+                        sums[key] += losses[key].detach().float().mean()
+        metrics = {f"train/{key}": value / updates for key, value in sums.items()}
+        metrics.update(self.trial_metrics(batch, "meta_train"))
+        self.frames += batch.numel()
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            metrics["time/fps"] = torch.tensor(batch.numel() / (now - self._last_batch_end))
+        self._last_batch_end = now
+        metrics["train/frames"] = self.frames.float()
+        self.log_dict(metrics, batch_size=1)
+        self.log_dict(
+            {"frames": self.frames.float(), "success": metrics["meta_train/success"]}, prog_bar=True, logger=False, batch_size=1
+        )
+
+    def trial_metrics(self, trials: TensorDictBase, prefix: str) -> dict[str, torch.Tensor]:
+        """Success and return per episode index of a batch of whole trials ``[B, K*L]``.
+
+        An episode is a success if ``success`` is set at any of its steps.
+        """
+        k, length = self.hparams.episodes_per_trial, self.hparams.episode_length
+        success = trials["next", "success"].reshape(-1, k, length).any(-1).float()
+        returns = trials["next", "reward"].reshape(-1, k, length).sum(-1)
+        metrics = {f"{prefix}/success": success.mean(), f"{prefix}/return": returns.mean()}
+        for episode in range(k):
+            metrics[f"{prefix}/success_ep{episode + 1}"] = success[:, episode].mean()
+            metrics[f"{prefix}/return_ep{episode + 1}"] = returns[:, episode].mean()
+        return metrics
