@@ -1,5 +1,6 @@
 """Lightning callbacks, installed as ``lightning_htrmrl.callbacks``."""
 
 from lightning_htrmrl.callbacks.meta_test import MetaTestEvaluation
+from lightning_htrmrl.callbacks.tsne import TaskEmbeddingTSNE
 
-__all__ = ["MetaTestEvaluation"]
+__all__ = ["MetaTestEvaluation", "TaskEmbeddingTSNE"]

@@ -12,7 +12,7 @@ from lightning_htrmrl.envs.trial import TrialEnv
 
 
 class MetaTestEvaluation(Callback):
-    """Every ``every_n_epochs`` epochs, run one trial of ``K`` episodes per env on ``split`` tasks.
+    """Every ``every_n_epochs`` epochs, run ``num_trials`` trials of ``K`` episodes on ``split`` tasks.
 
     Memory is kept across the episodes of a trial and cleared between trials, exactly as in
     training. Logs ``{prefix}/success``, ``{prefix}/return`` and, for ``k = 1..K``,
@@ -22,8 +22,10 @@ class MetaTestEvaluation(Callback):
 
     Args:
         every_n_epochs: evaluation period in training epochs.
-        num_envs: trials per evaluation; ``None`` runs one trial on every task of ``split``
-            (tasks are assigned in order, so ``num_envs`` >= the number of tasks covers them all).
+        num_trials: trials per evaluation; ``None``: one per task of ``split``. Tasks are assigned
+            in a fixed order, so the same tasks are evaluated every time and ``num_trials`` equal to
+            the number of tasks covers each exactly once.
+        num_envs: env slots stepped as one batch; ``None``: ``min(num_trials, data.num_envs)``.
         split: ``test`` (held-out tasks) or ``train``.
         deterministic: act with the distribution's mean instead of sampling (default: sample, as
             exploration in early episodes is part of in-context adaptation).
@@ -33,6 +35,7 @@ class MetaTestEvaluation(Callback):
     def __init__(
         self,
         every_n_epochs: int = 1,
+        num_trials: int | None = None,
         num_envs: int | None = None,
         split: Split = "test",
         deterministic: bool = False,
@@ -40,10 +43,12 @@ class MetaTestEvaluation(Callback):
     ) -> None:
         if every_n_epochs < 1:
             raise ConfigError(f"MetaTestEvaluation.every_n_epochs must be >= 1, got {every_n_epochs}")
-        if num_envs is not None and num_envs < 1:
-            raise ConfigError(f"MetaTestEvaluation.num_envs must be >= 1 or null, got {num_envs}")
+        for key, value in (("num_trials", num_trials), ("num_envs", num_envs)):
+            if value is not None and value < 1:
+                raise ConfigError(f"meta_test.{key} must be >= 1 or null, got {value}")
         check_split(split)
         self.every_n_epochs = every_n_epochs
+        self.num_trials = num_trials
         self.num_envs = num_envs
         self.split = split
         self.deterministic = deterministic
@@ -52,23 +57,32 @@ class MetaTestEvaluation(Callback):
         self._env: TrialEnv | None = None
         self.last_results: dict[str, float] = {}
 
-    def _get_env(self, trainer: Trainer) -> TrialEnv:
+    def _trials(self, trainer: Trainer) -> int:
+        return self.num_trials or len(trainer.datamodule.benchmark.task_names(self.split))
+
+    def _get_env(self, trainer: Trainer, pl_module: LightningModule) -> TrialEnv:
         if self._env is None:
-            benchmark = trainer.datamodule.benchmark
-            num_envs = self.num_envs or len(benchmark.task_names(self.split))
-            self._env = benchmark.make_env(self.split, num_envs, seed=self.seed, cycle_tasks=True)
+            datamodule = trainer.datamodule
+            num_envs = self.num_envs or min(self._trials(trainer), datamodule.num_envs)
+            self._env = datamodule.benchmark.make_env(
+                self.split, num_envs, seed=self.seed, cycle_tasks=True, device=pl_module.device
+            )
         return self._env
 
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
         """Run the trials and return the synced metrics."""
-        env = self._get_env(trainer)
+        env = self._get_env(trainer, pl_module)
         env.set_seed(self.seed)
         policy = pl_module.make_policy(seed=self.seed)
         exploration = ExplorationType.DETERMINISTIC if self.deterministic else ExplorationType.RANDOM
         k, length = env.episodes_per_trial, env.episode_length
+        num_trials = self._trials(trainer)
+        rounds = -(-num_trials // env.num_envs)
         with set_exploration_type(exploration):
-            rollout = env.rollout(k * length, policy, break_when_any_done=False)
+            # Each rollout starts with a reset, i.e. a new trial on the next tasks of the schedule.
+            rollouts = [env.rollout(k * length, policy, break_when_any_done=False) for _ in range(rounds)]
+        rollout = torch.cat(rollouts, dim=0)[:num_trials]
         success = rollout["next", "success"].reshape(-1, k, length).any(-1).float()
         returns = rollout["next", "reward"].reshape(-1, k, length).sum(-1)
         per_episode = {"success": success, "return": returns}

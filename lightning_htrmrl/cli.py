@@ -9,10 +9,13 @@ from the data module into the model, never repeated in YAML.
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentError
 from importlib import resources
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_htrmrl.callbacks import MetaTestEvaluation
 from lightning_htrmrl.data import MetaRLDataModule
 from lightning_htrmrl.envs.base import ConfigError
 from lightning_htrmrl.module import MetaPPO
@@ -20,6 +23,14 @@ from lightning_htrmrl.module import MetaPPO
 DEFAULT_CONFIGS = ("base.yaml", "benchmark/ml1_reach.yaml", "model/htrmrl.yaml")
 LINKED_KEYS = ("obs_dim", "action_dim", "episode_length", "episodes_per_trial")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+ALLOWED_CLASSES = {
+    "data.benchmark": ("lightning_htrmrl.envs.PointRobot", "lightning_htrmrl.envs.MetaWorld"),
+    "model.encoder": (
+        "lightning_htrmrl.models.HierarchicalEncoder",
+        "lightning_htrmrl.models.FlatTransformerEncoder",
+        "lightning_htrmrl.models.MLPEncoder",
+    ),
+}
 
 
 def default_config_files() -> list[str]:
@@ -28,12 +39,42 @@ def default_config_files() -> list[str]:
     return [str(root.joinpath(name)) for name in DEFAULT_CONFIGS]
 
 
+def share_run_directory(loggers: object) -> None:
+    """Give file loggers that share ``save_dir`` and ``name`` one new ``version_N`` directory.
+
+    TensorBoard and CSV loggers would otherwise each pick their own next version; this keeps the
+    events, ``metrics.csv``, ``config.yaml`` and checkpoints of a run in one folder. Existing
+    version folders are never reused.
+    """
+    if not isinstance(loggers, list):
+        return
+    args = [getattr(logger, "init_args", None) for logger in loggers]
+    if not args or any(a is None or "save_dir" not in a or a.get("version") is not None for a in args):
+        return
+    if len({(str(a.save_dir), str(a.get("name", "lightning_logs"))) for a in args}) != 1:
+        return
+    root = Path(args[0].save_dir) / str(args[0].get("name", "lightning_logs"))
+    taken = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
+    version = f"version_{max(taken, default=-1) + 1}"
+    for a in args:
+        a.version = version
+
+
 class HTrMRLCLI(LightningCLI):
     """LightningCLI with the data -> model links of this project."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(MetaTestEvaluation, "meta_test")
         for key in LINKED_KEYS:
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        share_run_directory(config.trainer.logger)
+        optimizer = config.model.optimizer
+        lr = getattr(getattr(optimizer, "init_args", None), "lr", None)
+        if lr is not None and not lr > 0:
+            raise ConfigError(f"model.optimizer.init_args.lr must be > 0, got {lr}")
 
 
 def with_default_configs(args: list[str]) -> list[str]:
@@ -48,19 +89,27 @@ def with_default_configs(args: list[str]) -> list[str]:
 
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; bad configuration ends with one ``error:`` line and exit code 2."""
-    args = with_default_configs(list(sys.argv[1:] if args is None else args))
-    sub_kwargs = {"parser_mode": "omegaconf"}
+    if args is None:
+        sys.argv[1:] = with_default_configs(sys.argv[1:])
+    else:
+        args = with_default_configs(list(args))
+    parser_kwargs = {"parser_mode": "omegaconf", "exit_on_error": False}
     try:
         HTrMRLCLI(
             MetaPPO,
             MetaRLDataModule,
-            parser_kwargs={"parser_mode": "omegaconf", **{name: dict(sub_kwargs) for name in SUBCOMMANDS}},
+            parser_kwargs={**parser_kwargs, **{name: dict(parser_kwargs) for name in SUBCOMMANDS}},
             save_config_kwargs={"overwrite": False},
             auto_configure_optimizers=False,
             args=args,
         )
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ConfigError, ArgumentError) as error:
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        for key, allowed in ALLOWED_CLASSES.items():
+            if f'Parser key "{key}"' in message:
+                message += f" (allowed {key}: {', '.join(allowed)}, or another subclass given by its full class path)"
+        print(f"error: {message}", file=sys.stderr)
+        print("tip: `htrmrl fit --help` lists every option", file=sys.stderr)
         sys.exit(2)
 
 

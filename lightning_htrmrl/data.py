@@ -7,6 +7,7 @@ moved to its device, with the model's collection policy (episodic memory + encod
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -115,36 +116,33 @@ class MetaRLDataModule(LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         return self.seed + 1_000_003 * rank
 
-    def _make_env(self, worker: int = 0):
-        return self.benchmark.make_env("train", self.num_envs, seed=self.env_seed + 7919 * worker)
+    def env_factory(self, worker: int = 0) -> partial:
+        """A picklable function that builds collector process ``worker``'s envs (own seed)."""
+        return partial(self.benchmark.make_env, "train", self.num_envs, seed=self.env_seed + 7919 * worker)
+
+    def build_collector(self, policy, device: torch.device | str = "cpu") -> Collector:
+        """A TorchRL Collector of whole-trial batches over the train split.
+
+        With ``num_collectors > 1`` the envs run in that many processes (``sync=True``: on-policy
+        batches), each with its own slots and seeds; the policy's weights are sent to them by
+        ``update_policy_weights_()`` before every batch.
+        """
+        common = dict(
+            frames_per_batch=self.frames_per_batch,
+            total_frames=-1,
+            policy_device=device,
+            env_device="cpu",
+            storing_device=device,
+            auto_register_policy_transforms=False,
+        )
+        if self.num_collectors == 1:
+            return Collector(self.env_factory()(), policy, **common)
+        env_fns = [self.env_factory(worker) for worker in range(self.num_collectors)]
+        return Collector(env_fns, policy, num_collectors=self.num_collectors, sync=True, **common)
 
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module
-        policy = module.make_policy(seed=self.env_seed)
-        if self.num_collectors == 1:
-            self.collector = Collector(
-                self._make_env(),
-                policy,
-                frames_per_batch=self.frames_per_batch,
-                total_frames=-1,
-                policy_device=module.device,
-                env_device="cpu",
-                storing_device=module.device,
-                auto_register_policy_transforms=False,
-            )
-        else:
-            self.collector = Collector(
-                [lambda worker=w: self._make_env(worker) for w in range(self.num_collectors)],
-                policy,
-                num_collectors=self.num_collectors,
-                sync=True,
-                frames_per_batch=self.frames_per_batch,
-                total_frames=-1,
-                policy_device=module.device,
-                env_device="cpu",
-                storing_device=module.device,
-                auto_register_policy_transforms=False,
-            )
+        self.collector = self.build_collector(module.make_policy(seed=self.env_seed), module.device)
         dataset = TrialBatches(self.collector, self.iterations_per_epoch, self.trial_frames)
         return DataLoader(dataset, batch_size=None, collate_fn=_identity)
 

@@ -35,6 +35,41 @@ LOSS_KEYS = ("loss_objective", "loss_critic", "loss_entropy")
 DIAGNOSTIC_KEYS = ("entropy", "clip_fraction", "kl_approx", "explained_variance", "ESS")
 
 
+def discounted_returns(reward: torch.Tensor, done: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Discounted return from every step to the next ``done``: ``[B, S, 1]`` -> ``[B, S, 1]``."""
+    returns = torch.zeros_like(reward)
+    running = torch.zeros_like(reward[:, 0])
+    for t in range(reward.shape[1] - 1, -1, -1):
+        running = reward[:, t] + gamma * running * (~done[:, t]).to(reward.dtype)
+        returns[:, t] = running
+    return returns
+
+
+class RunningMeanStd(torch.nn.Module):
+    """Running mean and variance of a stream of values (parallel Welford); saved in checkpoints."""
+
+    def __init__(self, epsilon: float = 1e-8) -> None:
+        super().__init__()
+        self.epsilon = epsilon
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("var", torch.ones((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @property
+    def std(self) -> torch.Tensor:
+        return (self.var + self.epsilon).sqrt().float()
+
+    def update(self, values: torch.Tensor) -> None:
+        values = values.detach().double().flatten()
+        batch_mean, batch_var, batch_count = values.mean(), values.var(unbiased=False), values.numel()
+        delta = batch_mean - self.mean
+        total = self.count + batch_count
+        self.mean += delta * batch_count / total
+        m2 = self.var * self.count + batch_var * batch_count + delta.square() * self.count * batch_count / total
+        self.var = m2 / total
+        self.count = total
+
+
 class MetaPPO(LightningModule):
     """PPO on whole trials for an in-context (RL^2-style) meta-RL policy.
 
@@ -49,6 +84,9 @@ class MetaPPO(LightningModule):
         advantage_horizon: ``trial`` (bootstrap across the episodes of a trial, done only at its end)
             or ``episode`` (every episode end is terminal).
         clip_epsilon, entropy_coeff, critic_coeff, normalize_advantage: ClipPPOLoss settings.
+        normalize_rewards: divide the rewards used for GAE and the critic by the running standard
+            deviation of the discounted trial return (the token and the logged returns keep the raw
+            reward); keeps value targets O(1) whatever the reward scale of the benchmark.
         ppo_epochs: passes over the batch per training step.
         episodes_per_minibatch: episodes per gradient step.
         max_grad_norm: gradient-norm clip.
@@ -73,6 +111,7 @@ class MetaPPO(LightningModule):
         entropy_coeff: float = 0.0,
         critic_coeff: float = 0.5,
         normalize_advantage: bool = True,
+        normalize_rewards: bool = True,
         ppo_epochs: int = 4,
         episodes_per_minibatch: int = 32,
         max_grad_norm: float = 0.5,
@@ -116,7 +155,9 @@ class MetaPPO(LightningModule):
         self.optimizer_factory = optimizer
         self.automatic_optimization = False
         self.register_buffer("frames", torch.zeros((), dtype=torch.long))
+        self.return_stats = RunningMeanStd()
         self._last_batch_end: float | None = None
+        self._buffer: TensorDictReplayBuffer | None = None
 
     # ------------------------------------------------------------------ policies
     def make_policy(self, seed: int = 0):
@@ -167,10 +208,14 @@ class MetaPPO(LightningModule):
         else:
             done = trials["next", "done"]
         next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
+        reward = trials["next", "reward"]
+        if self.hparams.normalize_rewards:
+            self.return_stats.update(discounted_returns(reward, done, self.hparams.gamma))
+            reward = reward / self.return_stats.std
         gae_input = TensorDict(
             {
                 "state_value": values,
-                "next": {"state_value": next_values, "reward": trials["next", "reward"], "done": done, "terminated": done},
+                "next": {"state_value": next_values, "reward": reward, "done": done, "terminated": done},
             },
             batch_size=trials_shape,
         )
@@ -178,15 +223,22 @@ class MetaPPO(LightningModule):
         for key in ("state_value", "advantage", "value_target"):
             steps[key] = gae_input[key].reshape(*steps.shape, 1)
 
+    def _episode_buffer(self, num_episodes: int) -> TensorDictReplayBuffer:
+        """An empty replay buffer of ``num_episodes`` episode records (one PPO batch)."""
+        if self._buffer is None or self._buffer.storage.max_size != num_episodes or self._buffer.storage.device != self.device:
+            self._buffer = TensorDictReplayBuffer(
+                storage=LazyTensorStorage(num_episodes, device=self.device),
+                sampler=SamplerWithoutReplacement(),
+                batch_size=min(self.hparams.episodes_per_minibatch, num_episodes),
+            )
+        self._buffer.empty()
+        return self._buffer
+
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
         optimizer = self.optimizers()
         records = self.episode_records(batch)
         self.estimate_advantage(records, batch.shape)
-        buffer = TensorDictReplayBuffer(
-            storage=LazyTensorStorage(len(records), device=self.device),
-            sampler=SamplerWithoutReplacement(),
-            batch_size=min(self.hparams.episodes_per_minibatch, len(records)),
-        )
+        buffer = self._episode_buffer(len(records))
         buffer.extend(records)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         updates = 0

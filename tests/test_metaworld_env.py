@@ -47,9 +47,11 @@ def test_rollout_follows_trial_structure(ml1: MetaWorld) -> None:
         assert (trial["episode_idx"] == t // L).all()
         assert (trial["step_in_episode"] == t % L).all()
         assert (trial["task_id"] == trial["task_id"][:, :1]).all()  # constant within a trial
-    # cycle_tasks: slot i gets task j * M + i at its j-th trial, so tasks change at the trial start
-    assert first["task_id"][:, 0].tolist() == [0, 1]
-    assert second["task_id"][:, 0].tolist() == [2, 3]
+    # cycle_tasks: slot i gets entry j * M + i of a fixed task permutation at its j-th trial, so
+    # tasks change at the trial start and the first trials never repeat a task
+    order = env._task_order.tolist()
+    assert first["task_id"][:, 0].tolist() == order[0:2]
+    assert second["task_id"][:, 0].tolist() == order[2:4]
 
     success = td["next", "success"]
     assert success.dtype == torch.bool and success.shape == (M, 2 * K * L)

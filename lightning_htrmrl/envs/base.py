@@ -41,8 +41,8 @@ class TaskDistribution(abc.ABC):
     action_dim: int
 
     def __init__(self, episode_length: int, episodes_per_trial: int) -> None:
-        require_positive("episode_length", episode_length)
-        require_positive("episodes_per_trial", episodes_per_trial)
+        require_positive("data.benchmark.init_args.episode_length", episode_length)
+        require_positive("data.benchmark.init_args.episodes_per_trial", episodes_per_trial)
         self.episode_length = episode_length
         self.episodes_per_trial = episodes_per_trial
 

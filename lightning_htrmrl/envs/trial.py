@@ -38,9 +38,10 @@ class TrialEnv(EnvBase):
         episode_length: ``L``, steps per episode.
         episodes_per_trial: ``K``, episodes per trial.
         seed: seeds the task sampler (and, through :meth:`_seed_sim`, the simulator).
-        cycle_tasks: if True, slot ``i`` gets task ``(j * M + i) % num_tasks`` at its ``j``-th trial,
-            so ``M >= num_tasks`` slots cover every task exactly (used for evaluation). Otherwise
-            tasks are drawn uniformly at random.
+        cycle_tasks: if True, slot ``i`` gets entry ``(j * M + i) % num_tasks`` of a fixed
+            permutation of the tasks (drawn from ``seed``) at its ``j``-th trial, so consecutive
+            trials cover every task before repeating one (used for evaluation). Otherwise tasks
+            are drawn uniformly at random.
         token_reward_scale: factor applied to the reward inside the token only.
         device: device of the emitted tensors.
 
@@ -74,6 +75,7 @@ class TrialEnv(EnvBase):
         self.token_reward_scale = token_reward_scale
         self.token_dim = obs_dim + action_dim + 2
         self._generator = torch.Generator().manual_seed(seed)
+        self._task_order = torch.randperm(num_tasks, generator=torch.Generator().manual_seed(seed))
         self._trials_started = torch.zeros(num_envs, dtype=torch.long)
         self._episode_idx = torch.zeros(num_envs, dtype=torch.long, device=self.device)
         self._step_idx = torch.zeros(num_envs, dtype=torch.long, device=self.device)
@@ -122,7 +124,7 @@ class TrialEnv(EnvBase):
     def _draw_tasks(self, env_ids: torch.Tensor) -> torch.Tensor:
         if self.cycle_tasks:
             slots = env_ids.cpu()
-            tasks = (self._trials_started[slots] * self.num_envs + slots) % self.num_tasks
+            tasks = self._task_order[(self._trials_started[slots] * self.num_envs + slots) % self.num_tasks]
         else:
             tasks = torch.randint(self.num_tasks, (len(env_ids),), generator=self._generator)
         self._trials_started[env_ids.cpu()] += 1

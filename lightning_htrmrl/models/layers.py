@@ -86,5 +86,43 @@ class SequenceEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         x = self.position(self.embed(tokens))
+        mask = attention_mask(valid, self.num_heads, self.causal)
+        *layers, final = self.transformer.layers
+        for layer in layers:
+            x = layer(x, src_mask=mask)
+        return self.transformer.norm(last_query_layer(final, x, mask, last))
+
+    def forward_reference(self, tokens: torch.Tensor, valid: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The plain path (every position through every layer); equal to :meth:`forward`."""
+        x = self.position(self.embed(tokens))
         x = self.transformer(x, mask=attention_mask(valid, self.num_heads, self.causal))
         return x[torch.arange(len(x), device=x.device), last]
+
+
+def last_query_layer(
+    layer: nn.TransformerEncoderLayer, x: torch.Tensor, mask: torch.Tensor, last: torch.Tensor
+) -> torch.Tensor:
+    """A pre-LN encoder layer evaluated at one query position per sequence.
+
+    Only the output at ``last [B]`` is read, so the final layer needs its attention and
+    feed-forward for that query alone (keys and values still cover the whole sequence): ``T`` times
+    less work in that layer.
+
+    Args:
+        layer: a ``norm_first`` ``nn.TransformerEncoderLayer`` (its own weights are used).
+        x: ``[B, S, d]`` input of the layer.
+        mask: ``[B * heads, S, S]`` boolean attention mask (True = blocked).
+        last: ``[B]`` query position.
+
+    Returns:
+        ``[B, d]``, equal to ``layer(x, src_mask=mask)[arange(B), last]``.
+    """
+    rows = torch.arange(len(x), device=x.device)
+    heads = layer.self_attn.num_heads
+    h = layer.norm1(x)
+    query = h[rows, last].unsqueeze(1)
+    row_mask = mask.view(len(x), heads, *mask.shape[-2:])[rows, :, last].reshape(len(x) * heads, 1, -1)
+    attended = layer.self_attn(query, h, h, attn_mask=row_mask, need_weights=False)[0]
+    y = x[rows, last].unsqueeze(1) + attended
+    y = y + layer.linear2(layer.activation(layer.linear1(layer.norm2(y))))
+    return y.squeeze(1)

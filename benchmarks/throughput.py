@@ -1,0 +1,164 @@
+"""Frames per second on Meta-World ML1 reach-v3: raw simulator vs collection vs end-to-end training.
+
+All figures are measured in one run on the same cores:
+
+* ``raw_sim_fps``: ``metaworld`` env.step with random actions, one process per core, summed;
+* ``collect_fps``: the TorchRL Collector with the HTrMRL policy (episodic memory + encoder),
+  ``num_collectors`` processes of ``num_envs`` slots each, no training;
+* ``train_fps`` / ``mlp_train_fps``: Lightning ``fit`` (collection + PPO updates) with the HTrMRL
+  encoder and with the memory-less MLP baseline, steady state (first iteration excluded).
+
+The last output line is one JSON object. Usage: ``python benchmarks/throughput.py [--iterations 4]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+
+def _raw_steps(task: str, steps: int, queue: mp.Queue) -> None:
+    import metaworld
+
+    torch.set_num_threads(1)
+    benchmark = metaworld.ML1(task, seed=0)
+    env = benchmark.train_classes[task]()
+    env.set_task(benchmark.train_tasks[0])
+    env.reset()
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, size=(steps, 4)).astype(np.float32)
+    start = time.perf_counter()
+    for i in range(steps):
+        if i % 500 == 499:
+            env.reset()
+        else:
+            env.step(actions[i])
+    queue.put(steps / (time.perf_counter() - start))
+
+
+def raw_sim_fps(task: str, processes: int, steps: int) -> float:
+    """Summed env.step rate of ``processes`` independent processes."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_raw_steps, args=(task, steps, queue)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    rates = [queue.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    return float(sum(rates))
+
+
+def _benchmark(episode_length: int, episodes_per_trial: int):
+    from lightning_htrmrl.envs import MetaWorld
+
+    return MetaWorld("ML1", "reach-v3", episode_length=episode_length, episodes_per_trial=episodes_per_trial)
+
+
+def _module(encoder: str, benchmark):
+    from functools import partial
+
+    from lightning_htrmrl.models import HierarchicalEncoder, MLPEncoder
+    from lightning_htrmrl.module import MetaPPO
+
+    factory = partial(HierarchicalEncoder) if encoder == "htrmrl" else MLPEncoder
+    return MetaPPO(benchmark.obs_dim, benchmark.action_dim, benchmark.episode_length, benchmark.episodes_per_trial,
+                   encoder=factory)
+
+
+def collect_fps(args: argparse.Namespace) -> float:
+    """Collector frames/s with the HTrMRL policy (no training)."""
+    from lightning_htrmrl.data import MetaRLDataModule
+
+    benchmark = _benchmark(args.episode_length, args.episodes_per_trial)
+    module = _module("htrmrl", benchmark)
+    data = MetaRLDataModule(benchmark, num_envs=args.num_envs, num_collectors=args.num_collectors)
+    collector = data.build_collector(module.make_policy(), module.device)
+    batches = iter(collector)
+    next(batches)  # start-up and first batch excluded
+    start = time.perf_counter()
+    frames = 0
+    for _ in range(args.iterations):
+        frames += next(batches).numel()
+    elapsed = time.perf_counter() - start
+    collector.shutdown()
+    return frames / elapsed
+
+
+def train_fps(args: argparse.Namespace, encoder: str) -> float:
+    """End-to-end Lightning fit frames/s (collection + PPO), first iteration excluded."""
+    from lightning.pytorch import Callback, Trainer
+
+    from lightning_htrmrl.data import MetaRLDataModule
+
+    class Clock(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.frames: list[int] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.times.append(time.perf_counter())
+            self.frames.append(int(pl_module.frames))
+
+    benchmark = _benchmark(args.episode_length, args.episodes_per_trial)
+    module = _module(encoder, benchmark)
+    data = MetaRLDataModule(benchmark, num_envs=args.num_envs, num_collectors=args.num_collectors,
+                            iterations_per_epoch=args.iterations + 1)
+    clock = Clock()
+    trainer = Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
+    trainer.fit(module, data)
+    return (clock.frames[-1] - clock.frames[0]) / (clock.times[-1] - clock.times[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=3, help="measured batches per figure")
+    parser.add_argument("--num-envs", type=int, default=4, help="env slots per collector process")
+    parser.add_argument("--num-collectors", type=int, default=2, help="collector processes")
+    parser.add_argument("--episode-length", type=int, default=200)
+    parser.add_argument("--episodes-per-trial", type=int, default=4)
+    parser.add_argument("--raw-steps", type=int, default=20_000)
+    args = parser.parse_args()
+
+    cores = len(os.sched_getaffinity(0))
+    raw = raw_sim_fps("reach-v3", min(cores, args.num_collectors), args.raw_steps)
+    print(f"raw_sim_fps {raw:.0f}", flush=True)
+    collect = collect_fps(args)
+    print(f"collect_fps {collect:.0f}", flush=True)
+    train = train_fps(args, "htrmrl")
+    print(f"train_fps {train:.0f}", flush=True)
+    mlp = train_fps(args, "mlp")
+    print(f"mlp_train_fps {mlp:.0f}", flush=True)
+    result = {
+        "benchmark": "throughput",
+        "task": "ML1 reach-v3",
+        "raw_sim_fps": round(raw, 1),
+        "collect_fps": round(collect, 1),
+        "train_fps": round(train, 1),
+        "mlp_train_fps": round(mlp, 1),
+        "collect_ratio": round(collect / raw, 3),
+        "train_ratio": round(train / raw, 3),
+        "mlp_train_ratio": round(mlp / raw, 3),
+        "htrmrl_vs_mlp_time_per_frame": round(mlp / train, 3),
+        "settings": vars(args),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cores": cores,
+            "torch": torch.__version__,
+            "device": "cpu",
+        },
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
