@@ -17,8 +17,8 @@ class MetaTestEvaluation(Callback):
     Memory is kept across the episodes of a trial and cleared between trials, exactly as in
     training. Logs ``{prefix}/success``, ``{prefix}/return`` and, for ``k = 1..K``,
     ``{prefix}/success_ep{k}`` and ``{prefix}/return_ep{k}`` (an episode is a success if the task is
-    solved at any of its steps). Values are averaged over envs with torchmetrics (synced across
-    processes).
+    solved at any of its steps). Under DDP each process evaluates its own share of the tasks and the
+    means are reduced with torchmetrics, so the numbers do not depend on the number of processes.
 
     Args:
         every_n_epochs: evaluation period in training epochs.
@@ -74,10 +74,12 @@ class MetaTestEvaluation(Callback):
         """Run the trials and return the synced metrics."""
         env = self._get_env(trainer, pl_module)
         env.set_seed(self.seed)
+        env.set_shard(trainer.global_rank, trainer.world_size)
         policy = pl_module.make_policy(seed=self.seed)
         exploration = ExplorationType.DETERMINISTIC if self.deterministic else ExplorationType.RANDOM
         k, length = env.episodes_per_trial, env.episode_length
-        num_trials = self._trials(trainer)
+        # Under DDP every process runs its share of the trials; the means are synced below.
+        num_trials = -(-self._trials(trainer) // trainer.world_size)
         rounds = -(-num_trials // env.num_envs)
         with set_exploration_type(exploration):
             # Each rollout starts with a reset, i.e. a new trial on the next tasks of the schedule.

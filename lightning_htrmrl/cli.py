@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_htrmrl.callbacks import MetaTestEvaluation
+from lightning_htrmrl.callbacks import DDPScaling, MetaTestEvaluation
 from lightning_htrmrl.data import MetaRLDataModule
 from lightning_htrmrl.envs.base import ConfigError
 from lightning_htrmrl.module import MetaPPO
@@ -65,6 +65,7 @@ class HTrMRLCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(MetaTestEvaluation, "meta_test")
+        parser.add_lightning_class_args(DDPScaling, "ddp")
         for key in LINKED_KEYS:
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 

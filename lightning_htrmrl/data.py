@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from functools import partial
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from tensordict import TensorDictBase
@@ -110,15 +111,14 @@ class MetaRLDataModule(LightningDataModule):
         """Frames per training batch over all collector processes (always whole trials)."""
         return self.num_collectors * self.num_envs * self.trials_per_env * self.trial_frames
 
-    @property
-    def env_seed(self) -> int:
-        """Base seed of this process's envs (distinct per distributed rank)."""
+    def process_seed(self, worker: int = 0) -> int:
+        """Seed of one collector process's envs: distinct for every (seed, rank, worker)."""
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        return self.seed + 1_000_003 * rank
+        return int(np.random.SeedSequence([self.seed, rank, worker]).generate_state(1)[0])
 
     def env_factory(self, worker: int = 0) -> partial:
         """A picklable function that builds collector process ``worker``'s envs (own seed)."""
-        return partial(self.benchmark.make_env, "train", self.num_envs, seed=self.env_seed + 7919 * worker)
+        return partial(self.benchmark.make_env, "train", self.num_envs, seed=self.process_seed(worker))
 
     def build_collector(self, policy, device: torch.device | str = "cpu") -> Collector:
         """A TorchRL Collector of whole-trial batches over the train split.
@@ -142,7 +142,7 @@ class MetaRLDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module
-        self.collector = self.build_collector(module.make_policy(seed=self.env_seed), module.device)
+        self.collector = self.build_collector(module.make_policy(seed=self.process_seed()), module.device)
         dataset = TrialBatches(self.collector, self.iterations_per_epoch, self.trial_frames)
         return DataLoader(dataset, batch_size=None, collate_fn=_identity)
 

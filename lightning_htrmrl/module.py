@@ -165,6 +165,10 @@ class MetaPPO(LightningModule):
         return make_policy(self.encoder, self.actor, self.hparams.episode_length, seed)
 
     # ------------------------------------------------------------------ training
+    @property
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optimizer = self.optimizer_factory(self.parameters())
         for group in optimizer.param_groups:
@@ -210,7 +214,9 @@ class MetaPPO(LightningModule):
         next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
         reward = trials["next", "reward"]
         if self.hparams.normalize_rewards:
-            self.return_stats.update(discounted_returns(reward, done, self.hparams.gamma))
+            returns = discounted_returns(reward, done, self.hparams.gamma)
+            # Every process normalises with the same statistics (those of all processes' returns).
+            self.return_stats.update(self.all_gather(returns) if self._world_size > 1 else returns)
             reward = reward / self.return_stats.std
         gae_input = TensorDict(
             {
@@ -259,10 +265,13 @@ class MetaPPO(LightningModule):
                         sums[key] += losses[key].detach().float().mean()
         metrics = {f"train/{key}": value / updates for key, value in sums.items()}
         metrics.update(self.trial_metrics(batch, "meta_train"))
-        self.frames += batch.numel()
+        # Frames and fps count every process (batches are equal-sized), so curves from runs on
+        # different numbers of devices share one x-axis.
+        frames = batch.numel() * self._world_size
+        self.frames += frames
         now = time.perf_counter()
         if self._last_batch_end is not None:
-            metrics["time/fps"] = torch.tensor(batch.numel() / (now - self._last_batch_end))
+            metrics["time/fps"] = torch.tensor(frames / (now - self._last_batch_end))
         self._last_batch_end = now
         metrics["train/frames"] = self.frames.float()
         self.log_dict(metrics, batch_size=1)

@@ -76,6 +76,7 @@ class TrialEnv(EnvBase):
         self.token_dim = obs_dim + action_dim + 2
         self._generator = torch.Generator().manual_seed(seed)
         self._task_order = torch.randperm(num_tasks, generator=torch.Generator().manual_seed(seed))
+        self._shard = (0, 1)
         self._trials_started = torch.zeros(num_envs, dtype=torch.long)
         self._episode_idx = torch.zeros(num_envs, dtype=torch.long, device=self.device)
         self._step_idx = torch.zeros(num_envs, dtype=torch.long, device=self.device)
@@ -124,7 +125,9 @@ class TrialEnv(EnvBase):
     def _draw_tasks(self, env_ids: torch.Tensor) -> torch.Tensor:
         if self.cycle_tasks:
             slots = env_ids.cpu()
-            tasks = self._task_order[(self._trials_started[slots] * self.num_envs + slots) % self.num_tasks]
+            rank, world = self._shard
+            rounds = self._trials_started[slots] * world + rank
+            tasks = self._task_order[(rounds * self.num_envs + slots) % self.num_tasks]
         else:
             tasks = torch.randint(self.num_tasks, (len(env_ids),), generator=self._generator)
         self._trials_started[env_ids.cpu()] += 1
@@ -201,6 +204,14 @@ class TrialEnv(EnvBase):
             batch_size=self.batch_size,
             device=self.device,
         )
+
+    def set_shard(self, rank: int, world_size: int) -> None:
+        """Take every ``world_size``-th round of the ``cycle_tasks`` schedule, starting at ``rank``.
+
+        ``world_size`` processes with equal ``seed`` and ``num_envs`` then evaluate disjoint tasks
+        that together follow the single-process schedule.
+        """
+        self._shard = (rank, world_size)
 
     def _set_seed(self, seed: int | None) -> None:
         if seed is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase, TensorDictSequential
-from torchrl.modules import ProbabilisticActor
+from torchrl.modules import ProbabilisticActor, TanhNormal
 
 from lightning_htrmrl.memory import EpisodicMemory
 from lightning_htrmrl.models.encoders import ContextEncoder
@@ -81,6 +81,29 @@ class EpisodicContext(TensorDictModuleBase):
         return tensordict
 
 
+class ActionLogProb(TensorDictModuleBase):
+    """Overwrites ``action_log_prob`` with the log-prob computed from the action itself.
+
+    The actor's own log-prob of a ``TanhNormal`` sample uses the cached pre-squash value, while
+    training can only invert ``tanh(action)`` (lossy near the bounds); storing the value computed
+    the way training computes it keeps PPO's first ratios exactly 1.
+    """
+
+    in_keys = ["features", "action"]
+    out_keys = ["action_log_prob"]
+
+    def __init__(self, actor: ProbabilisticActor) -> None:
+        super().__init__()
+        self.actor = actor
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        tensordict.set("action_log_prob", self.actor.get_dist(tensordict).log_prob(tensordict.get("action")))
+        return tensordict
+
+
 def make_policy(encoder: ContextEncoder, actor: ProbabilisticActor, episode_length: int, seed: int = 0) -> TensorDictSequential:
-    """``EpisodicContext`` followed by the actor: a TorchRL policy for collectors and rollouts."""
-    return TensorDictSequential(EpisodicContext(encoder, episode_length, seed), actor)
+    """Memory, encoder and actor as one TorchRL policy for collectors and rollouts."""
+    modules = [EpisodicContext(encoder, episode_length, seed), actor]
+    if issubclass(actor[-1].distribution_class, TanhNormal):
+        modules.append(ActionLogProb(actor))
+    return TensorDictSequential(*modules)
