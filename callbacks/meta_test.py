@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
 from torchmetrics.aggregation import MeanMetric
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from lightning_htrmrl.envs.base import ConfigError, Split, check_split
-from lightning_htrmrl.envs.trial import TrialEnv
+from lightning_htrmrl.envs.base import ConfigError, Split, check_split  # noqa: E402
+from lightning_htrmrl.envs.trial import TrialEnv  # noqa: E402
+from lightning_htrmrl.runs import run_directory  # noqa: E402
 
 
 class MetaTestEvaluation(Callback):
     """Every ``every_n_epochs`` epochs, run ``num_trials`` trials of ``K`` episodes on ``split`` tasks.
 
     Memory is kept across the episodes of a trial and cleared between trials, exactly as in
-    training. Logs ``{prefix}/success``, ``{prefix}/return`` and, for ``k = 1..K``,
+    training. It also runs on ``htrmrl validate`` / ``htrmrl test`` (no training). After every
+    evaluation, rank 0 writes ``meta_test.json`` (overall, per-episode-index and per-task results,
+    the frame count and the checkpoint evaluated) and ``adaptation_curve.png`` (success per
+    episode index, held-out tasks vs the latest training batch) into the run directory. Logs ``{prefix}/success``, ``{prefix}/return`` and, for ``k = 1..K``,
     ``{prefix}/success_ep{k}`` and ``{prefix}/return_ep{k}`` (an episode is a success if the task is
     solved at any of its steps). Under DDP each process evaluates its own share of the tasks and the
     means are reduced with torchmetrics, so the numbers do not depend on the number of processes.
@@ -56,6 +68,7 @@ class MetaTestEvaluation(Callback):
         self.prefix = "meta_test" if split == "test" else "meta_train_eval"
         self._env: TrialEnv | None = None
         self.last_results: dict[str, float] = {}
+        self._per_task: dict[str, dict] = {}
 
     def _trials(self, trainer: Trainer) -> int:
         return self.num_trials or len(trainer.datamodule.benchmark.task_names(self.split))
@@ -93,7 +106,29 @@ class MetaTestEvaluation(Callback):
             metrics[f"{self.prefix}/{name}"] = self._mean(values, pl_module)
             for episode in range(k):
                 metrics[f"{self.prefix}/{name}_ep{episode + 1}"] = self._mean(values[:, episode], pl_module)
+        # Per-task results need every process's trials: gather (a collective, on all ranks).
+        task_ids = rollout["task_id"][:, 0].to(pl_module.device)
+        trial_success = success.mean(-1).to(pl_module.device)
+        if trainer.world_size > 1:
+            task_ids = pl_module.all_gather(task_ids).flatten()
+            trial_success = pl_module.all_gather(trial_success).flatten()
+        self._per_task = self._task_table(trainer, task_ids.cpu(), trial_success.cpu())
         return metrics
+
+    def _task_table(self, trainer: Trainer, task_ids: torch.Tensor, success: torch.Tensor) -> dict[str, dict]:
+        """Mean success over the episodes of each task's trials, by task and (Meta-World) by class."""
+        benchmark = trainer.datamodule.benchmark
+        names = benchmark.task_names(self.split)
+        classes = benchmark.task_classes(self.split) if hasattr(benchmark, "task_classes") else None
+        table: dict[str, dict] = {"per_task": {}, "per_class": {}}
+        for key, labels in (("per_task", names), ("per_class", classes)):
+            if labels is None:
+                continue
+            groups: dict[str, list[float]] = {}
+            for task, value in zip(task_ids.tolist(), success.tolist()):
+                groups.setdefault(labels[task], []).append(value)
+            table[key] = {label: sum(v) / len(v) for label, v in sorted(groups.items())}
+        return table
 
     @staticmethod
     def _mean(values: torch.Tensor, pl_module: LightningModule) -> torch.Tensor:
@@ -104,7 +139,64 @@ class MetaTestEvaluation(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
+        self._run(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._run(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._run(trainer, pl_module)
+
+    def _run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = self.evaluate(trainer, pl_module)
         self.last_results = {key: float(value) for key, value in metrics.items()}
         pl_module.log_dict(metrics, batch_size=1)
-        pl_module.log(f"{self.prefix}_success", metrics[f"{self.prefix}/success"], prog_bar=True, logger=False, batch_size=1)
+        if trainer.state.fn == TrainerFn.FITTING:
+            pl_module.log(f"{self.prefix}_success", metrics[f"{self.prefix}/success"], prog_bar=True, logger=False,
+                          batch_size=1)
+        if trainer.is_global_zero:
+            self._write_outputs(trainer, pl_module)
+
+    def results(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        """The content of ``meta_test.json`` for the latest evaluation."""
+        k = trainer.datamodule.episodes_per_trial
+        prefix = self.prefix
+        return {
+            "split": self.split,
+            "success": self.last_results[f"{prefix}/success"],
+            "return": self.last_results[f"{prefix}/return"],
+            "success_per_episode": [self.last_results[f"{prefix}/success_ep{e + 1}"] for e in range(k)],
+            "return_per_episode": [self.last_results[f"{prefix}/return_ep{e + 1}"] for e in range(k)],
+            **self._per_task,
+            "num_trials": self._trials(trainer),
+            "deterministic": self.deterministic,
+            "frames": int(pl_module.frames),
+            "epoch": trainer.current_epoch,
+            "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            "benchmark": trainer.datamodule.benchmark.describe(),
+        }
+
+    def _write_outputs(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        directory = run_directory(trainer)
+        directory.mkdir(parents=True, exist_ok=True)
+        results = self.results(trainer, pl_module)
+        (directory / f"{self.prefix}.json").write_text(json.dumps(results, indent=2))
+        train_curve = [trainer.callback_metrics.get(f"meta_train/success_ep{e + 1}") for e in range(len(results["success_per_episode"]))]
+        self._plot(directory / "adaptation_curve.png", results, train_curve)
+
+    def _plot(self, path: Path, results: dict, train_curve: list) -> None:
+        episodes = range(1, len(results["success_per_episode"]) + 1)
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        axis.plot(episodes, results["success_per_episode"], "o-", label=f"{self.split} tasks (evaluation)")
+        if all(value is not None for value in train_curve):
+            axis.plot(episodes, [float(v) for v in train_curve], "s--", label="train tasks (latest batch)")
+        axis.set_xlabel("episode within the trial")
+        axis.set_ylabel("success rate")
+        axis.set_ylim(-0.02, 1.02)
+        axis.set_xticks(list(episodes))
+        axis.set_title(f"adaptation after {results['frames']:,} frames")
+        axis.legend(loc="lower right")
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)

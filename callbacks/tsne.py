@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -21,6 +21,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from lightning_htrmrl.envs.base import SPLITS, ConfigError, Split
 from lightning_htrmrl.envs.trial import TrialEnv
 from lightning_htrmrl.memory import current_windows
+from lightning_htrmrl.runs import run_directory
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 FIGURE_TAG = "meta_test/task_embeddings"
@@ -311,7 +312,7 @@ class TaskEmbeddingTSNE(Callback):
 
     def _save(self, fig: Figure, trainer: Trainer, epoch: int) -> Path:
         """Write ``fig`` to ``{run_dir}/tsne/epoch_{epoch:04d}.png`` (or ``..._{n}.png`` if that exists)."""
-        folder = _run_dir(trainer) / "tsne"
+        folder = run_directory(trainer) / "tsne"
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"epoch_{epoch:04d}"
         path = folder / f"{stem}.png"
@@ -325,15 +326,6 @@ class TaskEmbeddingTSNE(Callback):
 
 def _metric(split: str) -> str:
     return f"{split_prefix(split)}/embedding_separability"
-
-
-def _run_dir(trainer: Trainer) -> Path:
-    """``trainer.log_dir`` without its broadcast (a collective: this runs on rank 0 only)."""
-    path = None
-    if trainer.loggers:
-        first = trainer.loggers[0]
-        path = first.log_dir if isinstance(first, (TensorBoardLogger, CSVLogger)) else first.save_dir
-    return Path(path or trainer.default_root_dir)
 
 
 def _colormap(groups: int) -> Callable[[int], tuple[float, float, float, float]]:

@@ -12,6 +12,7 @@ from functools import partial
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from tensordict import TensorDictBase
 from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
@@ -145,6 +146,22 @@ class MetaRLDataModule(LightningDataModule):
         self.collector = self.build_collector(module.make_policy(seed=self.process_seed()), module.device)
         dataset = TrialBatches(self.collector, self.iterations_per_epoch, self.trial_frames)
         return DataLoader(dataset, batch_size=None, collate_fn=_identity)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._evaluation_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._evaluation_loader()
+
+    def _evaluation_loader(self) -> DataLoader | list:
+        """One placeholder batch for ``validate`` / ``test``; none during ``fit``.
+
+        Meta-test trials are run by :class:`~lightning_htrmrl.callbacks.MetaTestEvaluation` (it
+        needs the trial structure, not a data loader); during ``fit`` it runs every few epochs.
+        """
+        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            return []
+        return DataLoader([0], batch_size=None)
 
     def teardown(self, stage: str) -> None:
         if self.collector is not None:

@@ -13,6 +13,7 @@ One training step consumes one batch of whole trials ``[B, K * L]`` from the col
 
 from __future__ import annotations
 
+import importlib.metadata
 import time
 from collections import defaultdict
 from typing import Callable, Literal
@@ -31,6 +32,19 @@ from lightning_htrmrl.models import ContextEncoder, HierarchicalEncoder, make_ac
 from lightning_htrmrl.models.heads import Distribution
 
 EncoderFactory = Callable[[int, int], ContextEncoder]
+CHECKPOINT_KEY = "htrmrl"
+VERSIONED_PACKAGES = ("lightning-htrmrl", "torch", "torchrl", "tensordict", "lightning", "metaworld", "mujoco", "gymnasium")
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the packages a result depends on."""
+    versions: dict[str, str | None] = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 LOSS_KEYS = ("loss_objective", "loss_critic", "loss_entropy")
 DIAGNOSTIC_KEYS = ("entropy", "clip_fraction", "kl_approx", "explained_variance", "ESS")
 
@@ -158,6 +172,7 @@ class MetaPPO(LightningModule):
         self.return_stats = RunningMeanStd()
         self._last_batch_end: float | None = None
         self._buffer: TensorDictReplayBuffer | None = None
+        self.resolved_config: str | None = None  # set by the CLI; stored in checkpoints
 
     # ------------------------------------------------------------------ policies
     def make_policy(self, seed: int = 0):
@@ -278,6 +293,26 @@ class MetaPPO(LightningModule):
         self.log_dict(
             {"frames": self.frames.float(), "success": metrics["meta_train/success"]}, prog_bar=True, logger=False, batch_size=1
         )
+
+    def validation_step(self, batch: object, batch_idx: int) -> None:
+        """Nothing per batch: ``MetaTestEvaluation`` runs whole trials at the end of the epoch."""
+
+    def test_step(self, batch: object, batch_idx: int) -> None:
+        """Nothing per batch: ``MetaTestEvaluation`` runs whole trials at the end of the epoch."""
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store library versions, the task distribution's facts and the resolved config."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        checkpoint[CHECKPOINT_KEY] = {
+            "versions": library_versions(),
+            "benchmark": datamodule.benchmark.describe() if datamodule is not None else None,
+            "config": self.resolved_config,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if CHECKPOINT_KEY not in checkpoint:
+            raise ConfigError("ckpt_path: this checkpoint was not written by lightning_htrmrl (no 'htrmrl' entry)")
 
     def trial_metrics(self, trials: TensorDictBase, prefix: str) -> dict[str, torch.Tensor]:
         """Success and return per episode index of a batch of whole trials ``[B, K*L]``.

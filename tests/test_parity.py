@@ -40,6 +40,10 @@ class _ParityProbe(Callback):
     def __init__(self) -> None:
         self.diffs: list[float] = []
         self.shapes: list[torch.Size] = []
+        self.encoder_grads: list[list[torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.encoder_grads.append([p.grad.clone() for p in pl_module.encoder.parameters() if p.grad is not None])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.shapes.append(batch.shape)
@@ -72,7 +76,8 @@ def test_one_update_in_a_real_trainer(tiny, kind) -> None:
     for prefix in ("encoder.", "actor.", "critic."):
         assert any(name.startswith(prefix) for name in changed), f"no {prefix[:-1]} parameter was updated"
     # the encoder received (finite, non-zero) gradients through the PPO loss
-    grads = [p.grad for name, p in module.encoder.named_parameters() if p.grad is not None]
+    assert probe.encoder_grads, "no optimizer step"
+    grads = probe.encoder_grads[0]
     assert grads, "the encoder received no gradient"
     assert all(torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
 from tensordict.nn import TensorDictModule
 from tensordict.nn.distributions.continuous import AddStateIndependentNormalScale
 from torch import nn
