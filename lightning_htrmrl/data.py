@@ -6,7 +6,7 @@ moved to its device, with the model's collection policy (episodic memory + encod
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import numpy as np
@@ -18,17 +18,26 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
 
 from lightning_htrmrl.envs.base import ConfigError, TaskDistribution, require_positive
+from lightning_htrmrl.envs.trial import TrialEnv
 
 
 def _identity(batch: TensorDictBase) -> TensorDictBase:
     return batch
 
 
+def make_train_env(benchmark: TaskDistribution, num_envs: int, seed: int, start_trial: int) -> TrialEnv:
+    """Train-split env whose slots continue their task sequences at trial ``start_trial``."""
+    env = benchmark.make_env("train", num_envs, seed=seed)
+    env.start_at_trial(start_trial)
+    return env
+
+
 class TrialBatches(IterableDataset):
     """``iterations`` batches of whole trials ``[rows, K*L]`` per epoch from a running collector."""
 
-    def __init__(self, collector: Collector, iterations: int, trial_frames: int) -> None:
+    def __init__(self, collector: Collector, iterations: int, trial_frames: int, on_batch: Callable[[], None]) -> None:
         self.collector = collector
+        self.on_batch = on_batch
         self.iterations = iterations
         self.trial_frames = trial_frames
         self._batches: Iterator[TensorDictBase] | None = None
@@ -39,6 +48,7 @@ class TrialBatches(IterableDataset):
         for _ in range(self.iterations):
             self.collector.update_policy_weights_()
             batch = next(self._batches)
+            self.on_batch()
             # One row per trial; the features are recomputed in training and not needed here.
             yield batch.exclude("features", "collector").reshape(-1, self.trial_frames)
 
@@ -84,6 +94,7 @@ class MetaRLDataModule(LightningDataModule):
         self.iterations_per_epoch = iterations_per_epoch
         self.seed = seed
         self.collector: Collector | None = None
+        self.batches_collected = 0
 
     # Dimensions linked into the model by the CLI.
     @property
@@ -118,8 +129,23 @@ class MetaRLDataModule(LightningDataModule):
         return int(np.random.SeedSequence([self.seed, rank, worker]).generate_state(1)[0])
 
     def env_factory(self, worker: int = 0) -> partial:
-        """A picklable function that builds collector process ``worker``'s envs (own seed)."""
-        return partial(self.benchmark.make_env, "train", self.num_envs, seed=self.process_seed(worker))
+        """A picklable function that builds collector process ``worker``'s envs (own seed).
+
+        Every batch holds exactly ``trials_per_env`` trials per slot, so after ``n`` batches each
+        slot's task sequence continues at trial ``n * trials_per_env`` (restored on resume).
+        """
+        start = self.batches_collected * self.trials_per_env
+        return partial(make_train_env, self.benchmark, self.num_envs, self.process_seed(worker), start)
+
+    def _count_batch(self) -> None:
+        self.batches_collected += 1
+
+    def state_dict(self) -> dict:
+        """Saved in checkpoints: where the task sequences stand."""
+        return {"batches_collected": self.batches_collected}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.batches_collected = int(state_dict.get("batches_collected", 0))
 
     def build_collector(self, policy, device: torch.device | str = "cpu") -> Collector:
         """A TorchRL Collector of whole-trial batches over the train split.
@@ -143,8 +169,10 @@ class MetaRLDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module
-        self.collector = self.build_collector(module.make_policy(seed=self.process_seed()), module.device)
-        dataset = TrialBatches(self.collector, self.iterations_per_epoch, self.trial_frames)
+        # Window sampling continues on a fresh stream after a resume (seeded by the batch count).
+        policy_seed = self.process_seed() + self.batches_collected
+        self.collector = self.build_collector(module.make_policy(seed=policy_seed), module.device)
+        dataset = TrialBatches(self.collector, self.iterations_per_epoch, self.trial_frames, self._count_batch)
         return DataLoader(dataset, batch_size=None, collate_fn=_identity)
 
     def val_dataloader(self) -> DataLoader | list:

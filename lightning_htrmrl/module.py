@@ -290,9 +290,10 @@ class MetaPPO(LightningModule):
         self._last_batch_end = now
         metrics["train/frames"] = self.frames.float()
         self.log_dict(metrics, batch_size=1)
-        self.log_dict(
-            {"frames": self.frames.float(), "success": metrics["meta_train/success"]}, prog_bar=True, logger=False, batch_size=1
-        )
+        progress = {"frames": self.frames.float(), "success": metrics["meta_train/success"]}
+        if "time/fps" in metrics:
+            progress["fps"] = metrics["time/fps"]
+        self.log_dict(progress, prog_bar=True, logger=False, batch_size=1)
 
     def validation_step(self, batch: object, batch_idx: int) -> None:
         """Nothing per batch: ``MetaTestEvaluation`` runs whole trials at the end of the epoch."""
@@ -308,11 +309,15 @@ class MetaPPO(LightningModule):
             "versions": library_versions(),
             "benchmark": datamodule.benchmark.describe() if datamodule is not None else None,
             "config": self.resolved_config,
+            "torch_rng_state": torch.get_rng_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if CHECKPOINT_KEY not in checkpoint:
             raise ConfigError("ckpt_path: this checkpoint was not written by lightning_htrmrl (no 'htrmrl' entry)")
+        rng_state = checkpoint[CHECKPOINT_KEY].get("torch_rng_state")
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)  # action sampling continues where it stopped
 
     def trial_metrics(self, trials: TensorDictBase, prefix: str) -> dict[str, torch.Tensor]:
         """Success and return per episode index of a batch of whole trials ``[B, K*L]``.

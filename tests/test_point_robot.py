@@ -195,3 +195,14 @@ def test_cycle_tasks_covers_all_tasks(tiny) -> None:
 def test_bad_options_raise_config_error(kwargs, key) -> None:
     with pytest.raises(ConfigError, match=key):
         PointRobot(**kwargs)
+
+
+def test_task_sequence_continues_after_start_at_trial() -> None:
+    """A resumed run (which restores the trial count) draws the tasks an uninterrupted run would."""
+    benchmark = PointRobot(episode_length=2, episodes_per_trial=1, num_goals=40)
+    straight = benchmark.make_env("train", 3, seed=11)
+    tasks = [straight.reset()["task_id"].tolist() for _ in range(5)]
+    resumed = benchmark.make_env("train", 3, seed=11)
+    resumed.start_at_trial(3)
+    assert [resumed.reset()["task_id"].tolist() for _ in range(2)] == tasks[3:]
+    assert len({tuple(t) for t in tasks}) > 1, "tasks must change between trials"

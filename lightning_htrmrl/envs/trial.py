@@ -74,7 +74,7 @@ class TrialEnv(EnvBase):
         self.cycle_tasks = cycle_tasks
         self.token_reward_scale = token_reward_scale
         self.token_dim = obs_dim + action_dim + 2
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed = seed
         self._task_order = torch.randperm(num_tasks, generator=torch.Generator().manual_seed(seed))
         self._shard = (0, 1)
         self._trials_started = torch.zeros(num_envs, dtype=torch.long)
@@ -129,9 +129,22 @@ class TrialEnv(EnvBase):
             rounds = self._trials_started[slots] * world + rank
             tasks = self._task_order[(rounds * self.num_envs + slots) % self.num_tasks]
         else:
-            tasks = torch.randint(self.num_tasks, (len(env_ids),), generator=self._generator)
+            # Counter-based draws: the task of a slot's j-th trial depends only on (seed, slot, j),
+            # so a run resumed from a checkpoint (which stores j) continues the same task sequence.
+            slots = env_ids.cpu()
+            tasks = torch.tensor(
+                [self._task_draw(int(slot), int(self._trials_started[slot])) for slot in slots], dtype=torch.long
+            )
         self._trials_started[env_ids.cpu()] += 1
         return tasks.to(self.device)
+
+    def _task_draw(self, slot: int, trial: int) -> int:
+        generator = torch.Generator().manual_seed(hash((self._seed, slot, trial)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return int(torch.randint(self.num_tasks, (1,), generator=generator))
+
+    def start_at_trial(self, trial: int) -> None:
+        """Continue the task sequence as if every slot had already started ``trial`` trials."""
+        self._trials_started.fill_(trial)
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
         if tensordict is not None and "_reset" in tensordict.keys():
@@ -217,6 +230,6 @@ class TrialEnv(EnvBase):
         if seed is None:
             return
         # Seeding restarts the task schedule, so equal seeds give equal task sequences.
-        self._generator.manual_seed(seed)
+        self._seed = seed
         self._trials_started.zero_()
         self._seed_sim(seed)
