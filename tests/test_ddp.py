@@ -73,7 +73,7 @@ def test_two_process_ml1_reach_fit_stays_in_sync(tmp_path: Path) -> None:
         *TINY[: TINY.index("--data.benchmark.init_args.num_goals")],
         *TINY[TINY.index("--model.encoder.init_args.num_episodes"):],
         *DDP,
-        "--data.num_envs", "2", "--data.iterations_per_epoch", "2",
+        "--data.num_envs", "2", "--data.num_collectors", "1", "--data.iterations_per_epoch", "2",
         "--meta_test.num_trials", "2", "--meta_test.every_n_epochs", "1",
     ]  # fmt: skip
     result = _fit(args, tmp_path)
