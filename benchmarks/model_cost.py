@@ -32,10 +32,30 @@ def _encoder(kind: str, n: int, t: int):
     from lightning_htrmrl.models import FlatTransformerEncoder, HierarchicalEncoder
 
     if kind == "hierarchical":
-        return HierarchicalEncoder(OBS, ACT, num_episodes=n, window=t, d_model=D_MODEL, num_heads=HEADS,
-                                   intra_layers=2, inter_layers=1, ff_dim=FF, state_embedding_dim=64)
-    return FlatTransformerEncoder(OBS, ACT, num_episodes=n, window=t, d_model=D_MODEL, num_heads=HEADS,
-                                  num_layers=3, ff_dim=FF, state_embedding_dim=64, causal=True)
+        return HierarchicalEncoder(
+            OBS,
+            ACT,
+            num_episodes=n,
+            window=t,
+            d_model=D_MODEL,
+            num_heads=HEADS,
+            intra_layers=2,
+            inter_layers=1,
+            ff_dim=FF,
+            state_embedding_dim=64,
+        )
+    return FlatTransformerEncoder(
+        OBS,
+        ACT,
+        num_episodes=n,
+        window=t,
+        d_model=D_MODEL,
+        num_heads=HEADS,
+        num_layers=3,
+        ff_dim=FF,
+        state_embedding_dim=64,
+        causal=True,
+    )
 
 
 def _peak_rss_mb() -> float:
@@ -109,9 +129,13 @@ def main() -> None:
             row["train_speedup"] = f["train_s"] / h["train_s"]
             row["memory_ratio"] = h["peak_mb"] / max(f["peak_mb"], 1e-9)
             table[f"N{n}_T{t}"] = row
-            print(f"N={n:2d} T={t:2d}  hier {h['train_s']*1e3:8.1f} ms {h['peak_mb']:7.1f} MB {h['infer_ms']:6.2f} ms/step"
-                  f" | flat {f['train_s']*1e3:8.1f} ms {f['peak_mb']:7.1f} MB {f['infer_ms']:6.2f} ms/step"
-                  f" | speedup {row['train_speedup']:.2f}x", flush=True)
+            print(
+                f"N={n:2d} T={t:2d}  hier {h['train_s'] * 1e3:8.1f} ms {h['peak_mb']:7.1f} MB"
+                f" {h['infer_ms']:6.2f} ms/step"
+                f" | flat {f['train_s'] * 1e3:8.1f} ms {f['peak_mb']:7.1f} MB {f['infer_ms']:6.2f} ms/step"
+                f" | speedup {row['train_speedup']:.2f}x",
+                flush=True,
+            )
     h10 = table["N10_T50"]["hierarchical"]["infer_ms"]
     h1 = table["N1_T50"]["hierarchical"]["infer_ms"]
     result = {
@@ -121,12 +145,19 @@ def main() -> None:
         "infer_cost_N10_vs_N1": round(h10 / h1, 3),
         "params_hierarchical": table["N10_T50"]["hierarchical"]["params"],
         "params_flat": table["N10_T50"]["flat"]["params"],
-        "table": {key: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if not isinstance(v, dict)}
-                  | {kind: {k: round(v, 4) for k, v in row[kind].items()} for kind in ("hierarchical", "flat")}
-                  for key, row in table.items()},
+        "table": {
+            key: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if not isinstance(v, dict)}
+            | {kind: {k: round(v, 4) for k, v in row[kind].items()} for kind in ("hierarchical", "flat")}
+            for key, row in table.items()
+        },
         "settings": args,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "threads": args["threads"], "torch": torch.__version__, "device": "cpu"},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "threads": args["threads"],
+            "torch": torch.__version__,
+            "device": "cpu",
+        },
     }
     print(json.dumps(result))
 

@@ -69,8 +69,9 @@ def _module(encoder: str, benchmark):
     from lightning_htrmrl.module import MetaPPO
 
     factory = partial(HierarchicalEncoder) if encoder == "htrmrl" else MLPEncoder
-    return MetaPPO(benchmark.obs_dim, benchmark.action_dim, benchmark.episode_length, benchmark.episodes_per_trial,
-                   encoder=factory)
+    return MetaPPO(
+        benchmark.obs_dim, benchmark.action_dim, benchmark.episode_length, benchmark.episodes_per_trial, encoder=factory
+    )
 
 
 def collect_fps(args: argparse.Namespace) -> float:
@@ -109,11 +110,20 @@ def train_fps(args: argparse.Namespace, encoder: str) -> float:
 
     benchmark = _benchmark(args.episode_length, args.episodes_per_trial)
     module = _module(encoder, benchmark)
-    data = MetaRLDataModule(benchmark, num_envs=args.num_envs, num_collectors=args.num_collectors,
-                            iterations_per_epoch=args.iterations + 1)
+    data = MetaRLDataModule(
+        benchmark, num_envs=args.num_envs, num_collectors=args.num_collectors, iterations_per_epoch=args.iterations + 1
+    )
     clock = Clock()
-    trainer = Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[clock])
+    trainer = Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
+    )
     trainer.fit(module, data)
     return (clock.frames[-1] - clock.frames[0]) / (clock.times[-1] - clock.times[0])
 

@@ -27,7 +27,9 @@ class MetaTestEvaluation(Callback):
     training. It also runs on ``htrmrl validate`` / ``htrmrl test`` (no training). After every
     evaluation, rank 0 writes ``meta_test.json`` (overall, per-episode-index and per-task results,
     the frame count and the checkpoint evaluated) and ``adaptation_curve.png`` (success per
-    episode index, held-out tasks vs the latest training batch) into the run directory. Logs ``{prefix}/success``, ``{prefix}/return`` and, for ``k = 1..K``,
+    episode index, held-out tasks vs the latest training batch) into the run directory.
+
+    Logs ``{prefix}/success``, ``{prefix}/return`` and, for ``k = 1..K``,
     ``{prefix}/success_ep{k}`` and ``{prefix}/return_ep{k}`` (an episode is a success if the task is
     solved at any of its steps). Under DDP each process evaluates its own share of the tasks and the
     means are reduced with torchmetrics, so the numbers do not depend on the number of processes.
@@ -153,8 +155,9 @@ class MetaTestEvaluation(Callback):
         self.last_results = {key: float(value) for key, value in metrics.items()}
         pl_module.log_dict(metrics, batch_size=1)
         if trainer.state.fn == TrainerFn.FITTING:
-            pl_module.log(f"{self.prefix}_success", metrics[f"{self.prefix}/success"], prog_bar=True, logger=False,
-                          batch_size=1)
+            pl_module.log(
+                f"{self.prefix}_success", metrics[f"{self.prefix}/success"], prog_bar=True, logger=False, batch_size=1
+            )
         if trainer.is_global_zero:
             self._write_outputs(trainer, pl_module)
 
@@ -182,7 +185,10 @@ class MetaTestEvaluation(Callback):
         directory.mkdir(parents=True, exist_ok=True)
         results = self.results(trainer, pl_module)
         (directory / f"{self.prefix}.json").write_text(json.dumps(results, indent=2))
-        train_curve = [trainer.callback_metrics.get(f"meta_train/success_ep{e + 1}") for e in range(len(results["success_per_episode"]))]
+        train_curve = [
+            trainer.callback_metrics.get(f"meta_train/success_ep{e + 1}")
+            for e in range(len(results["success_per_episode"]))
+        ]
         self._plot(directory / "adaptation_curve.png", results, train_curve)
 
     def _plot(self, path: Path, results: dict, train_curve: list) -> None:

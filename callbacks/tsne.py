@@ -288,8 +288,14 @@ class TaskEmbeddingTSNE(Callback):
                     ax.scatter(xy[rows, 0], xy[rows, 1], facecolors="none", edgecolors=colours[rows], marker=marker,
                                s=40, linewidths=1.3)  # fmt: skip
         handles = [
-            Line2D([], [], linestyle="none", marker=MARKERS[int(ep) % len(MARKERS)], color="gray",
-                   label=f"episode {int(ep) + 1}")
+            Line2D(
+                [],
+                [],
+                linestyle="none",
+                marker=MARKERS[int(ep) % len(MARKERS)],
+                color="gray",
+                label=f"episode {int(ep) + 1}",
+            )
             for ep in np.unique(episode)
         ]
         handles += [

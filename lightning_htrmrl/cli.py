@@ -2,8 +2,9 @@
 
 A subcommand given without any ``--config`` runs the embedded default: the packaged
 ``conf/base.yaml``, ``conf/benchmark/ml1_reach.yaml`` and ``conf/model/htrmrl.yaml``, in that order,
-with the command-line options on top. ``--config`` files are merged left to right. Env dimensions and the trial structure are linked
-from the data module into the model, never repeated in YAML.
+with the command-line options on top. ``--config`` files are merged left to right. Env
+dimensions and the trial structure are linked from the data module into the model, never
+repeated in YAML.
 """
 
 from __future__ import annotations

@@ -28,7 +28,9 @@ def past_episode_ids(episode_idx: torch.Tensor, num_past: int) -> tuple[torch.Te
     return ids.clamp_min(0), ids >= 0
 
 
-def gather_windows(episodes: torch.Tensor, episode_ids: torch.Tensor, starts: torch.Tensor, window: int) -> torch.Tensor:
+def gather_windows(
+    episodes: torch.Tensor, episode_ids: torch.Tensor, starts: torch.Tensor, window: int
+) -> torch.Tensor:
     """Cut length-``window`` token windows out of stored episodes.
 
     Args:
@@ -64,7 +66,9 @@ def current_windows(tokens: torch.Tensor, step: torch.Tensor, window: int) -> tu
     return gather_windows(tokens.unsqueeze(1), episode, start, window), length
 
 
-def sample_window_starts(shape: tuple[int, ...], episode_length: int, window: int, generator: torch.Generator) -> torch.Tensor:
+def sample_window_starts(
+    shape: tuple[int, ...], episode_length: int, window: int, generator: torch.Generator
+) -> torch.Tensor:
     """Uniform window starts in ``[0, L - T]``, shape ``shape``."""
     return torch.randint(episode_length - window + 1, shape, generator=generator)
 

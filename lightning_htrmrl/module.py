@@ -33,7 +33,16 @@ from lightning_htrmrl.models.heads import Distribution
 
 EncoderFactory = Callable[[int, int], ContextEncoder]
 CHECKPOINT_KEY = "htrmrl"
-VERSIONED_PACKAGES = ("lightning-htrmrl", "torch", "torchrl", "tensordict", "lightning", "metaworld", "mujoco", "gymnasium")
+VERSIONED_PACKAGES = (
+    "lightning-htrmrl",
+    "torch",
+    "torchrl",
+    "tensordict",
+    "lightning",
+    "metaworld",
+    "mujoco",
+    "gymnasium",
+)
 
 
 def library_versions() -> dict[str, str | None]:
@@ -45,6 +54,8 @@ def library_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     return versions
+
+
 LOSS_KEYS = ("loss_objective", "loss_critic", "loss_entropy")
 DIAGNOSTIC_KEYS = ("entropy", "clip_fraction", "kl_approx", "explained_variance", "ESS")
 
@@ -146,7 +157,8 @@ class MetaPPO(LightningModule):
         self.encoder = encoder(obs_dim, action_dim)
         if self.encoder.window > episode_length:
             raise ConfigError(
-                f"model.encoder.init_args.window (T={self.encoder.window}) must be <= the episode length ({episode_length})"
+                f"model.encoder.init_args.window (T={self.encoder.window}) must be <= the episode length "
+                f"({episode_length})"
             )
         if self.encoder.num_episodes > episodes_per_trial:
             raise ConfigError(
@@ -217,9 +229,17 @@ class MetaPPO(LightningModule):
         """
         steps = records["steps"]
         chunk = self.hparams.episodes_per_minibatch
-        values = torch.cat([self.critic(TensorDict({"features": self.episode_features(records[i : i + chunk])},
-                                                   batch_size=steps[i : i + chunk].shape))["state_value"]
-                            for i in range(0, len(records), chunk)])
+        values = torch.cat(
+            [
+                self.critic(
+                    TensorDict(
+                        {"features": self.episode_features(records[i : i + chunk])},
+                        batch_size=steps[i : i + chunk].shape,
+                    )
+                )["state_value"]
+                for i in range(0, len(records), chunk)
+            ]
+        )
         trials = steps.reshape(trials_shape)
         values = values.reshape(*trials_shape, 1)
         if self.hparams.advantage_horizon == "episode":
@@ -246,7 +266,11 @@ class MetaPPO(LightningModule):
 
     def _episode_buffer(self, num_episodes: int) -> TensorDictReplayBuffer:
         """An empty replay buffer of ``num_episodes`` episode records (one PPO batch)."""
-        if self._buffer is None or self._buffer.storage.max_size != num_episodes or self._buffer.storage.device != self.device:
+        if (
+            self._buffer is None
+            or self._buffer.storage.max_size != num_episodes
+            or self._buffer.storage.device != self.device
+        ):
             self._buffer = TensorDictReplayBuffer(
                 storage=LazyTensorStorage(num_episodes, device=self.device),
                 sampler=SamplerWithoutReplacement(),
@@ -271,7 +295,9 @@ class MetaPPO(LightningModule):
                 loss = sum(losses[key] for key in LOSS_KEYS if key in losses.keys())
                 optimizer.zero_grad()
                 self.manual_backward(loss)
-                self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+                self.clip_gradients(
+                    optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm"
+                )
                 optimizer.step()
                 updates += 1
                 sums["loss"] += loss.detach()

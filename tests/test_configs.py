@@ -47,16 +47,26 @@ def test_every_model_on_every_benchmark_parses(benchmark: str, model: str, capsy
 def test_every_fragment_composes(fragment: str, capsys) -> None:
     benchmark = "benchmark/ml1_reach.yaml"
     if fragment.startswith("experiment/paper_"):
-        benchmark = {"ml1": "benchmark/ml1_reach.yaml"}.get(fragment.split("_")[1][:-5], f"benchmark/{fragment.split('_')[1]}")
+        benchmark = {"ml1": "benchmark/ml1_reach.yaml"}.get(
+            fragment.split("_")[1][:-5], f"benchmark/{fragment.split('_')[1]}"
+        )
     config = _print_config([benchmark, "model/htrmrl.yaml", fragment], capsys)
     assert config["model"]["encoder"]["init_args"]
 
 
 def test_ablation_values_reach_the_model(capsys) -> None:
     base = ["benchmark/point_robot.yaml", "model/htrmrl.yaml"]
-    assert _print_config([*base, "ablation/no_state.yaml"], capsys)["model"]["encoder"]["init_args"]["state_embedding_dim"] == 0
-    assert _print_config([*base, "ablation/inter_positional.yaml"], capsys)["model"]["encoder"]["init_args"]["inter_positional"]
-    assert _print_config([*base, "ablation/episodes_n2.yaml"], capsys)["model"]["encoder"]["init_args"]["num_episodes"] == 2
+    assert (
+        _print_config([*base, "ablation/no_state.yaml"], capsys)["model"]["encoder"]["init_args"]["state_embedding_dim"]
+        == 0
+    )
+    assert _print_config([*base, "ablation/inter_positional.yaml"], capsys)["model"]["encoder"]["init_args"][
+        "inter_positional"
+    ]
+    assert (
+        _print_config([*base, "ablation/episodes_n2.yaml"], capsys)["model"]["encoder"]["init_args"]["num_episodes"]
+        == 2
+    )
     assert _print_config([*base, "ablation/window_t5.yaml"], capsys)["model"]["encoder"]["init_args"]["window"] == 5
     flat = _print_config([*base, "ablation/flat.yaml"], capsys)["model"]["encoder"]
     assert flat["class_path"].endswith("FlatTransformerEncoder") and flat["init_args"]["num_episodes"] == 4
@@ -65,9 +75,18 @@ def test_ablation_values_reach_the_model(capsys) -> None:
 def test_tiny_ml1_reach_fit_through_the_cli(tmp_path: Path) -> None:
     """The embedded default (no --config: ML1 reach-v3, HTrMRL, 2 collector processes), shrunk."""
     env_args = TINY[: TINY.index("--data.benchmark.init_args.num_goals")]
-    model_args = TINY[TINY.index("--model.encoder.init_args.num_episodes"):]
-    args = ["fit", *env_args, *model_args, "--data.num_envs", "2", "--meta_test.num_trials", "2",
-            "--meta_test.every_n_epochs", "1"]
+    model_args = TINY[TINY.index("--model.encoder.init_args.num_episodes") :]
+    args = [
+        "fit",
+        *env_args,
+        *model_args,
+        "--data.num_envs",
+        "2",
+        "--meta_test.num_trials",
+        "2",
+        "--meta_test.every_n_epochs",
+        "1",
+    ]
     result, _ = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (metrics,) = tmp_path.glob("runs/htrmrl/version_0/metrics.csv")

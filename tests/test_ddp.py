@@ -59,7 +59,17 @@ def _check_ddp_run(rows: list[dict[str, str]], frames_per_batch: int) -> None:
 
 
 def test_two_process_point_robot_fit_stays_in_sync(tmp_path: Path) -> None:
-    args = [*CONFIGS, *TINY, *DDP, "--trainer.max_epochs", "2", "--data.num_envs", "8", "--data.iterations_per_epoch", "2"]
+    args = [
+        *CONFIGS,
+        *TINY,
+        *DDP,
+        "--trainer.max_epochs",
+        "2",
+        "--data.num_envs",
+        "8",
+        "--data.iterations_per_epoch",
+        "2",
+    ]
     result = _fit(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     _check_ddp_run(_metrics(tmp_path), frames_per_batch=8 * 10 * 2)

@@ -127,7 +127,7 @@ def _run_context(encoder, tokens, episode_idx, step, L, seed=0) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["hierarchical", "hierarchical_n3", "flat"])
 def test_no_leak_across_envs_or_trials(tiny, kind) -> None:
-    L, K, T = tiny.L, tiny.K, tiny.T
+    L, K = tiny.L, tiny.K
     encoder = tiny.make_module(tiny.encoders[kind]).encoder.eval()
     # Three envs at different phases of their trials (their trial boundaries differ).
     offsets = [0, 5, 13]

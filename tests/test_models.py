@@ -22,8 +22,13 @@ def test_t2_pool_permutation_invariant(tiny) -> None:
     generator = torch.Generator().manual_seed(0)
     episodes = torch.randn(5, 4, 16, generator=generator)
     valid = torch.tensor(
-        [[True, True, True, True], [False, True, True, True], [False, False, True, True], [True, False, True, True],
-         [False, False, False, True]]
+        [
+            [True, True, True, True],
+            [False, True, True, True],
+            [False, False, True, True],
+            [True, False, True, True],
+            [False, False, False, True],
+        ]
     )
     with torch.no_grad():
         z = encoder.pool(episodes, valid)

@@ -32,8 +32,18 @@ def test_fit_writes_results_plot_and_checkpoint_metadata(tmp_path: Path) -> None
     (run,) = _run_dirs(tmp_path)
     results = json.loads((run / "meta_test.json").read_text())
     k = 2
-    for key in ("success", "return", "success_per_episode", "return_per_episode", "per_task", "frames", "checkpoint",
-                "benchmark", "num_trials", "deterministic"):
+    for key in (
+        "success",
+        "return",
+        "success_per_episode",
+        "return_per_episode",
+        "per_task",
+        "frames",
+        "checkpoint",
+        "benchmark",
+        "num_trials",
+        "deterministic",
+    ):
         assert key in results, key
     assert len(results["success_per_episode"]) == len(results["return_per_episode"]) == k
     assert 0.0 <= results["success"] <= 1.0 and results["frames"] > 0
@@ -105,8 +115,19 @@ def test_killed_run_resumes_and_continues_its_counters(tmp_path: Path) -> None:
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     saved_frames = int(saved["state_dict"]["frames"])
     saved_epoch = saved["epoch"]
-    result, _ = run_cli(["fit", *args[:-4], "--trainer.max_epochs", str(saved_epoch + 2), "--data.iterations_per_epoch",
-                         "2", "--ckpt_path", str(ckpt)], tmp_path)
+    result, _ = run_cli(
+        [
+            "fit",
+            *args[:-4],
+            "--trainer.max_epochs",
+            str(saved_epoch + 2),
+            "--data.iterations_per_epoch",
+            "2",
+            "--ckpt_path",
+            str(ckpt),
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     first, resumed = _run_dirs(tmp_path)
     frames = _frames(resumed)

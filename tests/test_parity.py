@@ -83,8 +83,16 @@ def test_one_update_in_a_real_trainer(tiny, kind) -> None:
     assert any(g.abs().sum() > 0 for g in grads)
     assert int(module.frames) == tiny.M * tiny.K * tiny.L
     metrics = trainer.callback_metrics
-    for key in ("train/loss_objective", "train/loss_critic", "train/clip_fraction", "train/kl_approx",
-                "train/frames", "meta_train/success", "meta_train/success_ep1", f"meta_train/return_ep{tiny.K}"):
+    for key in (
+        "train/loss_objective",
+        "train/loss_critic",
+        "train/clip_fraction",
+        "train/kl_approx",
+        "train/frames",
+        "meta_train/success",
+        "meta_train/success_ep1",
+        f"meta_train/return_ep{tiny.K}",
+    ):
         assert key in metrics, f"{key} not logged (got {sorted(metrics)})"
     assert datamodule.collector is None, "the collector must be shut down at teardown"
 

@@ -21,7 +21,12 @@ from torch import nn
 
 from lightning_htrmrl.envs.base import ConfigError, require_positive
 from lightning_htrmrl.memory import current_windows
-from lightning_htrmrl.models.layers import SequenceEncoder, SinusoidalPositionalEncoding, attention_mask, make_transformer
+from lightning_htrmrl.models.layers import (
+    SequenceEncoder,
+    SinusoidalPositionalEncoding,
+    attention_mask,
+    make_transformer,
+)
 
 
 class ContextEncoder(nn.Module, abc.ABC):
@@ -76,7 +81,9 @@ class ContextEncoder(nn.Module, abc.ABC):
         """Context ``z [M, context_dim]`` from the cache and the current window ``[M, T, D]``
         whose first ``length [M]`` tokens are valid."""
 
-    def step(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor, observation: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor, observation: torch.Tensor
+    ) -> torch.Tensor:
         """Features ``[M, out_features]`` for one step of ``M`` envs."""
         z = self.context(cache, window, length)
         if self.state_embedding is None:
@@ -151,7 +158,9 @@ class HierarchicalEncoder(ContextEncoder):
     ) -> None:
         super().__init__(obs_dim, action_dim, num_episodes, window, state_embedding_dim)
         if d_model % num_heads:
-            raise ConfigError(f"model.encoder.init_args.d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+            raise ConfigError(
+                f"model.encoder.init_args.d_model ({d_model}) must be divisible by num_heads ({num_heads})"
+            )
         self.d_model = d_model
         self.num_heads = num_heads
         self.intra = SequenceEncoder(self.token_dim, d_model, num_heads, intra_layers, ff_dim, max_len=window)
@@ -224,7 +233,9 @@ class FlatTransformerEncoder(ContextEncoder):
     ) -> None:
         super().__init__(obs_dim, action_dim, num_episodes, window, state_embedding_dim)
         if d_model % num_heads:
-            raise ConfigError(f"model.encoder.init_args.d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+            raise ConfigError(
+                f"model.encoder.init_args.d_model ({d_model}) must be divisible by num_heads ({num_heads})"
+            )
         self.d_model = d_model
         self.encoder = SequenceEncoder(
             self.token_dim, d_model, num_heads, num_layers, ff_dim, max_len=num_episodes * window, causal=causal

@@ -57,4 +57,3 @@ def make_actor(
 def make_critic(in_features: int, hidden: list[int]) -> ValueOperator:
     """State-value head: ``features -> state_value [*, 1]``."""
     return ValueOperator(_mlp(in_features, 1, hidden, output_gain=1.0), in_keys=["features"])
-

@@ -55,7 +55,9 @@ class EpisodicContext(TensorDictModuleBase):
         )
         num_past = self.encoder.num_episodes - 1
         empty = token.new_zeros(num_envs, num_past, self.encoder.window, token.shape[-1])
-        self._cache = self.encoder.begin_episode(empty, torch.zeros(num_envs, num_past, dtype=torch.bool, device=token.device))
+        self._cache = self.encoder.begin_episode(
+            empty, torch.zeros(num_envs, num_past, dtype=torch.bool, device=token.device)
+        )
         self._window_starts = torch.zeros(num_envs, num_past, dtype=torch.long, device=token.device)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
@@ -101,7 +103,9 @@ class ActionLogProb(TensorDictModuleBase):
         return tensordict
 
 
-def make_policy(encoder: ContextEncoder, actor: ProbabilisticActor, episode_length: int, seed: int = 0) -> TensorDictSequential:
+def make_policy(
+    encoder: ContextEncoder, actor: ProbabilisticActor, episode_length: int, seed: int = 0
+) -> TensorDictSequential:
     """Memory, encoder and actor as one TorchRL policy for collectors and rollouts."""
     modules = [EpisodicContext(encoder, episode_length, seed), actor]
     if issubclass(actor[-1].distribution_class, TanhNormal):
