@@ -76,13 +76,13 @@ def _measure(kind: str, n: int, t: int, args: dict, queue: mp.Queue) -> None:
         encoder.zero_grad(set_to_none=True)
         encoder(tokens, observation, past, valid).square().mean().backward()
 
+    base = _peak_rss_mb()  # before the first step: ru_maxrss only grows
     train_step()  # warm-up
-    base = _peak_rss_mb()
+    peak = _peak_rss_mb() - base
     start = time.perf_counter()
     for _ in range(args["repeats"]):
         train_step()
     train_s = (time.perf_counter() - start) / args["repeats"]
-    peak = _peak_rss_mb() - base
 
     with torch.no_grad():
         cache = encoder.begin_episode(torch.randn(envs, n - 1, t, token_dim), torch.ones(envs, n - 1, dtype=torch.bool))

@@ -7,6 +7,7 @@ import torch
 
 from lightning_htrmrl.envs import ConfigError
 from lightning_htrmrl.models import FlatTransformerEncoder, HierarchicalEncoder, MLPEncoder
+from lightning_htrmrl.models.layers import SequenceEncoder
 
 OBS, ACT = 2, 2
 D = OBS + ACT + 2
@@ -226,3 +227,25 @@ def test_mlp_encoder_sees_the_state_only() -> None:
 def test_bad_encoder_options(cls, kwargs, key) -> None:
     with pytest.raises(ConfigError, match=key):
         cls(OBS, ACT, **kwargs)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_last_query_fast_path_equals_the_plain_transformer(causal: bool) -> None:
+    """The final layer evaluated at the read-out position only equals running every position."""
+    torch.manual_seed(0)
+    encoder = SequenceEncoder(6, 16, 2, 3, 32, max_len=7, causal=causal)
+    tokens = torch.randn(20, 7, 6)
+    length = torch.randint(1, 8, (20,))
+    valid = torch.arange(7) < length.unsqueeze(-1)
+    fast = encoder(tokens, valid, length - 1)
+    plain = encoder.forward_reference(tokens, valid, length - 1)
+    assert (fast - plain).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("factory", [HierarchicalEncoder, FlatTransformerEncoder])
+def test_single_episode_memory_works(factory) -> None:
+    """N = 1 (the episodes_n1 ablation, TrMRL's setting): no past episodes, current window only."""
+    encoder = factory(2, 2, num_episodes=1, window=3, d_model=8, num_heads=2)
+    tokens = torch.randn(2, 5, encoder.token_dim)
+    features = encoder(tokens, tokens[..., :2], torch.zeros(2, 0, 3, encoder.token_dim), torch.zeros(2, 0, dtype=torch.bool))
+    assert features.shape == (2, 5, encoder.out_features) and torch.isfinite(features).all()

@@ -196,7 +196,8 @@ class HierarchicalEncoder(ContextEncoder):
     def context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         current = self.encode_windows(window, length)
         episodes = torch.cat([cache["past_encoding"], current.unsqueeze(1)], dim=1)
-        valid = torch.cat([cache["past_valid"], torch.ones_like(cache["past_valid"][:, :1])], dim=1)
+        current_valid = torch.ones(len(current), 1, dtype=torch.bool, device=current.device)
+        valid = torch.cat([cache["past_valid"], current_valid], dim=1)
         return self.pool(episodes, valid)
 
 
