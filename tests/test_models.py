@@ -247,5 +247,7 @@ def test_single_episode_memory_works(factory) -> None:
     """N = 1 (the episodes_n1 ablation, TrMRL's setting): no past episodes, current window only."""
     encoder = factory(2, 2, num_episodes=1, window=3, d_model=8, num_heads=2)
     tokens = torch.randn(2, 5, encoder.token_dim)
-    features = encoder(tokens, tokens[..., :2], torch.zeros(2, 0, 3, encoder.token_dim), torch.zeros(2, 0, dtype=torch.bool))
+    features = encoder(
+        tokens, tokens[..., :2], torch.zeros(2, 0, 3, encoder.token_dim), torch.zeros(2, 0, dtype=torch.bool)
+    )
     assert features.shape == (2, 5, encoder.out_features) and torch.isfinite(features).all()
