@@ -69,7 +69,9 @@ class EpisodicContext(TensorDictModuleBase):
             self._init_memory(len(td), token)
         memory = self.memory
         episode_start = step == 0
-        memory.clear(episode_start & (episode_idx == 0))
+        trial_start = episode_start & (episode_idx == 0)
+        if trial_start.any():
+            memory.clear(trial_start)
         memory.write(token, episode_idx, step)
         if episode_start.any():
             starts, valid, windows = memory.sample_past_windows(episode_idx)
