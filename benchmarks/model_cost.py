@@ -31,31 +31,10 @@ OBS, ACT = 39, 4
 def _encoder(kind: str, n: int, t: int):
     from lightning_htrmrl.models import FlatTransformerEncoder, HierarchicalEncoder
 
+    shared = dict(num_episodes=n, window=t, d_model=D_MODEL, num_heads=HEADS, ff_dim=FF, state_embedding_dim=64)
     if kind == "hierarchical":
-        return HierarchicalEncoder(
-            OBS,
-            ACT,
-            num_episodes=n,
-            window=t,
-            d_model=D_MODEL,
-            num_heads=HEADS,
-            intra_layers=2,
-            inter_layers=1,
-            ff_dim=FF,
-            state_embedding_dim=64,
-        )
-    return FlatTransformerEncoder(
-        OBS,
-        ACT,
-        num_episodes=n,
-        window=t,
-        d_model=D_MODEL,
-        num_heads=HEADS,
-        num_layers=3,
-        ff_dim=FF,
-        state_embedding_dim=64,
-        causal=True,
-    )
+        return HierarchicalEncoder(OBS, ACT, intra_layers=2, inter_layers=1, **shared)
+    return FlatTransformerEncoder(OBS, ACT, num_layers=3, causal=True, **shared)
 
 
 def _peak_rss_mb() -> float:

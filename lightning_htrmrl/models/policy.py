@@ -39,10 +39,6 @@ class EpisodicContext(TensorDictModuleBase):
         self._cache = None
         self._window_starts: torch.Tensor | None = None
 
-    def reset_memory(self) -> None:
-        """Forget everything (the next call starts from empty memories)."""
-        self.memory = None
-
     def _init_memory(self, num_envs: int, token: torch.Tensor) -> None:
         self.memory = EpisodicMemory(
             num_envs,
