@@ -2,7 +2,9 @@
 
 All figures are measured in one run on the same cores:
 
-* ``raw_sim_fps``: ``metaworld`` env.step with random actions, one process per core, summed;
+* ``raw_sim_fps``: raw ``metaworld`` envs with random actions, one process per collector process
+  (at most one per core) with as many envs as a collector process has slots, episodes of the same
+  length including the resets between them; ``raw_step_only_fps`` is the ``env.step`` rate alone;
 * ``collect_fps``: the TorchRL Collector with the HTrMRL policy (episodic memory + encoder),
   ``num_collectors`` processes of ``num_envs`` slots each, no training;
 * ``train_fps`` / ``mlp_train_fps``: Lightning ``fit`` (collection + PPO updates) with the HTrMRL
@@ -24,36 +26,50 @@ import numpy as np
 import torch
 
 
-def _raw_steps(task: str, steps: int, queue: mp.Queue) -> None:
+def _raw_steps(task: str, num_envs: int, episode_length: int, steps: int, queue: mp.Queue) -> None:
+    """Step ``num_envs`` raw envs with random actions, resetting each every ``episode_length`` steps."""
     import metaworld
 
     torch.set_num_threads(1)
     benchmark = metaworld.ML1(task, seed=0)
-    env = benchmark.train_classes[task]()
-    env.set_task(benchmark.train_tasks[0])
-    env.reset()
-    rng = np.random.default_rng(0)
-    actions = rng.uniform(-1, 1, size=(steps, 4)).astype(np.float32)
-    start = time.perf_counter()
+    envs = [benchmark.train_classes[task]() for _ in range(num_envs)]
+    for i, env in enumerate(envs):
+        env.set_task(benchmark.train_tasks[i % len(benchmark.train_tasks)])
+        env.reset()
+    actions = np.random.default_rng(0).uniform(-1, 1, size=(steps, num_envs, 4)).astype(np.float32)
+    step_time = reset_time = 0.0
     for i in range(steps):
-        if i % 500 == 499:
-            env.reset()
-        else:
-            env.step(actions[i])
-    queue.put(steps / (time.perf_counter() - start))
+        start = time.perf_counter()
+        for env, action in zip(envs, actions[i], strict=True):
+            env.step(action)
+        stepped = time.perf_counter()
+        if (i + 1) % episode_length == 0:
+            for env in envs:
+                env.reset()
+        step_time += stepped - start
+        reset_time += time.perf_counter() - stepped
+    frames = steps * num_envs
+    queue.put((frames / (step_time + reset_time), frames / step_time))
 
 
-def raw_sim_fps(task: str, processes: int, steps: int) -> float:
-    """Summed env.step rate of ``processes`` independent processes."""
+def raw_sim_fps(task: str, processes: int, num_envs: int, episode_length: int, steps: int) -> tuple[float, float]:
+    """Summed raw Meta-World rates of ``processes`` independent processes of ``num_envs`` envs each.
+
+    Returns ``(with_resets, steps_only)``: frames/s of episodes of ``episode_length`` steps
+    including the env resets between them (what any collector of those episodes must pay: a
+    Meta-World reset runs about 50 physics steps), and the ``env.step`` rate alone.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    workers = [ctx.Process(target=_raw_steps, args=(task, steps, queue)) for _ in range(processes)]
+    workers = [
+        ctx.Process(target=_raw_steps, args=(task, num_envs, episode_length, steps, queue)) for _ in range(processes)
+    ]
     for worker in workers:
         worker.start()
     rates = [queue.get() for _ in workers]
     for worker in workers:
         worker.join()
-    return float(sum(rates))
+    return float(sum(rate[0] for rate in rates)), float(sum(rate[1] for rate in rates))
 
 
 def _benchmark(episode_length: int, episodes_per_trial: int):
@@ -76,7 +92,7 @@ def _module(encoder: str, benchmark):
 
 def collect_fps(args: argparse.Namespace) -> float:
     """Collector frames/s with the HTrMRL policy (no training)."""
-    from lightning_htrmrl.data import MetaRLDataModule
+    from lightning_htrmrl.data import MetaRLDataModule, shutdown_collector
 
     benchmark = _benchmark(args.episode_length, args.episodes_per_trial)
     module = _module("htrmrl", benchmark)
@@ -89,7 +105,7 @@ def collect_fps(args: argparse.Namespace) -> float:
     for _ in range(args.iterations):
         frames += next(batches).numel()
     elapsed = time.perf_counter() - start
-    collector.shutdown()
+    shutdown_collector(collector)
     return frames / elapsed
 
 
@@ -131,16 +147,18 @@ def train_fps(args: argparse.Namespace, encoder: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=3, help="measured batches per figure")
-    parser.add_argument("--num-envs", type=int, default=4, help="env slots per collector process")
+    parser.add_argument("--num-envs", type=int, default=16, help="env slots per collector process")
     parser.add_argument("--num-collectors", type=int, default=2, help="collector processes")
     parser.add_argument("--episode-length", type=int, default=200)
     parser.add_argument("--episodes-per-trial", type=int, default=4)
-    parser.add_argument("--raw-steps", type=int, default=20_000)
+    parser.add_argument("--raw-steps", type=int, default=1_000, help="raw steps of each env")
     args = parser.parse_args()
 
     cores = len(os.sched_getaffinity(0))
-    raw = raw_sim_fps("reach-v3", min(cores, args.num_collectors), args.raw_steps)
-    print(f"raw_sim_fps {raw:.0f}", flush=True)
+    raw, raw_steps_only = raw_sim_fps(
+        "reach-v3", min(cores, args.num_collectors), args.num_envs, args.episode_length, args.raw_steps
+    )
+    print(f"raw_sim_fps {raw:.0f} (env.step alone {raw_steps_only:.0f})", flush=True)
     collect = collect_fps(args)
     print(f"collect_fps {collect:.0f}", flush=True)
     train = train_fps(args, "htrmrl")
@@ -151,10 +169,12 @@ def main() -> None:
         "benchmark": "throughput",
         "task": "ML1 reach-v3",
         "raw_sim_fps": round(raw, 1),
+        "raw_step_only_fps": round(raw_steps_only, 1),
         "collect_fps": round(collect, 1),
         "train_fps": round(train, 1),
         "mlp_train_fps": round(mlp, 1),
         "collect_ratio": round(collect / raw, 3),
+        "collect_ratio_vs_step_only": round(collect / raw_steps_only, 3),
         "train_ratio": round(train / raw, 3),
         "mlp_train_ratio": round(mlp / raw, 3),
         "htrmrl_vs_mlp_time_per_frame": round(mlp / train, 3),

@@ -32,6 +32,17 @@ def make_train_env(benchmark: TaskDistribution, num_envs: int, seed: int, start_
     return env
 
 
+def shutdown_collector(collector: Collector) -> None:
+    """Stop a collector's processes and its weight-sync schemes.
+
+    TorchRL 0.14 leaves a multi-process collector's weight-sync scheme to its ``__del__``, which at
+    interpreter exit blocks forever starting a queue thread; shutting it down here avoids the hang.
+    """
+    collector.shutdown()
+    for scheme in (getattr(collector, "_weight_sync_schemes", None) or {}).values():
+        scheme.shutdown()
+
+
 class TrialBatches(IterableDataset):
     """``iterations`` batches of whole trials ``[rows, K*L]`` per epoch from a running collector."""
 
@@ -49,8 +60,8 @@ class TrialBatches(IterableDataset):
             self.collector.update_policy_weights_()
             batch = next(self._batches)
             self.on_batch()
-            # One row per trial; the features are recomputed in training and not needed here.
-            yield batch.exclude("features", "collector").reshape(-1, self.trial_frames)
+            # One row per trial; the features (computed with the current weights) feed the critic.
+            yield batch.exclude("collector").reshape(-1, self.trial_frames)
 
     def __len__(self) -> int:
         return self.iterations
@@ -193,5 +204,5 @@ class MetaRLDataModule(LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         if self.collector is not None:
-            self.collector.shutdown()
+            shutdown_collector(self.collector)
             self.collector = None

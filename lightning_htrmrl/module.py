@@ -3,9 +3,9 @@
 One training step consumes one batch of whole trials ``[B, K * L]`` from the collector:
 
 1. split it into episode records (each with the past windows sampled at collection);
-2. recompute the features of every step with the current weights (exactly the inputs the policy
-   saw at collection), evaluate the critic and run :class:`~torchrl.objectives.value.GAE` over whole
-   trials (a trial is one long episode: exploration in episode 1 is credited by later episodes);
+2. evaluate the critic on the features the policy computed at collection (the batch was collected
+   with the current weights) and run :class:`~torchrl.objectives.value.GAE` over whole trials (a
+   trial is one long episode: exploration in episode 1 is credited by later episodes);
 3. ``ppo_epochs`` passes over minibatches of episodes from a TorchRL replay buffer, each pass
    recomputing features with gradients and calling :class:`~torchrl.objectives.ClipPPOLoss`,
    ``self.manual_backward``, ``self.clip_gradients`` and ``optimizer.step()``.
@@ -224,22 +224,27 @@ class MetaPPO(LightningModule):
     def estimate_advantage(self, records: TensorDictBase, trials_shape: torch.Size) -> None:
         """Write ``state_value``, ``advantage`` and ``value_target`` into ``records["steps"]``.
 
-        Values come from the current critic on recomputed features; GAE runs along each collected
-        row of whole trials (``trials_shape = [B, K*L]``).
+        Values come from the current critic on the features the policy computed at collection
+        (batches are collected with the current weights, so they equal a recompute); they are
+        recomputed only for batches without them. GAE runs along each collected row of whole
+        trials (``trials_shape = [B, K*L]``).
         """
         steps = records["steps"]
-        chunk = self.hparams.episodes_per_minibatch
-        values = torch.cat(
-            [
-                self.critic(
-                    TensorDict(
-                        {"features": self.episode_features(records[i : i + chunk])},
-                        batch_size=steps[i : i + chunk].shape,
-                    )
-                )["state_value"]
-                for i in range(0, len(records), chunk)
-            ]
-        )
+        if "features" in steps.keys():
+            values = self.critic(steps.select("features"))["state_value"]
+        else:
+            chunk = self.hparams.episodes_per_minibatch
+            values = torch.cat(
+                [
+                    self.critic(
+                        TensorDict(
+                            {"features": self.episode_features(records[i : i + chunk])},
+                            batch_size=steps[i : i + chunk].shape,
+                        )
+                    )["state_value"]
+                    for i in range(0, len(records), chunk)
+                ]
+            )
         trials = steps.reshape(trials_shape)
         values = values.reshape(*trials_shape, 1)
         if self.hparams.advantage_horizon == "episode":

@@ -142,3 +142,10 @@ def tiny() -> SimpleNamespace:
         make_module=make_module,
         collect=collect_batch,
     )
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own empty folder, so files a run writes (run folders, meta_test.json,
+    lightning_logs) never land in the checkout."""
+    monkeypatch.chdir(tmp_path)

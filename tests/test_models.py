@@ -7,7 +7,7 @@ import torch
 
 from lightning_htrmrl.envs import ConfigError
 from lightning_htrmrl.models import FlatTransformerEncoder, HierarchicalEncoder, MLPEncoder
-from lightning_htrmrl.models.layers import SequenceEncoder
+from lightning_htrmrl.models.layers import SequenceEncoder, attention_mask, reference_transformer, run_transformer
 
 OBS, ACT = 2, 2
 D = OBS + ACT + 2
@@ -230,8 +230,9 @@ def test_bad_encoder_options(cls, kwargs, key) -> None:
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_last_query_fast_path_equals_the_plain_transformer(causal: bool) -> None:
-    """The final layer evaluated at the read-out position only equals running every position."""
+def test_fused_read_out_path_equals_the_plain_transformer(causal: bool) -> None:
+    """Fused attention with the final layer at the read-out position only equals nn.TransformerEncoder
+    over every position, in value and in gradient."""
     torch.manual_seed(0)
     encoder = SequenceEncoder(6, 16, 2, 3, 32, max_len=7, causal=causal)
     tokens = torch.randn(20, 7, 6)
@@ -240,6 +241,23 @@ def test_last_query_fast_path_equals_the_plain_transformer(causal: bool) -> None
     fast = encoder(tokens, valid, length - 1)
     plain = encoder.forward_reference(tokens, valid, length - 1)
     assert (fast - plain).abs().max() < 1e-5
+    weights = torch.randn_like(fast)
+    fast_grads = torch.autograd.grad((fast * weights).sum(), list(encoder.parameters()))
+    plain_grads = torch.autograd.grad((plain * weights).sum(), list(encoder.parameters()))
+    for fast_grad, plain_grad in zip(fast_grads, plain_grads, strict=True):
+        assert (fast_grad - plain_grad).abs().max() < 1e-4
+
+
+def test_fused_t2_equals_the_plain_transformer(tiny) -> None:
+    """T2 through the fused layers equals nn.TransformerEncoder under the same key-padding mask."""
+    encoder = _hierarchical(tiny, inter_layers=2)
+    episodes = torch.randn(5, encoder.num_episodes, encoder.d_model)
+    valid = torch.rand(5, encoder.num_episodes) < 0.6
+    valid[:, -1] = True  # the current episode always exists
+    mask = attention_mask(valid, causal=False)
+    fused = run_transformer(encoder.inter, episodes, mask)
+    plain = reference_transformer(encoder.inter, episodes, mask)
+    assert (fused - plain)[valid].abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("factory", [HierarchicalEncoder, FlatTransformerEncoder])

@@ -26,6 +26,7 @@ from lightning_htrmrl.models.layers import (
     SinusoidalPositionalEncoding,
     attention_mask,
     make_transformer,
+    run_transformer,
 )
 
 
@@ -189,7 +190,7 @@ class HierarchicalEncoder(ContextEncoder):
         """T2 + masked mean: ``episodes [B, N, d]``, ``valid [B, N]`` -> ``z [B, d]``."""
         if self.inter_position is not None:
             episodes = self.inter_position(episodes)
-        mixed = self.inter(episodes, mask=attention_mask(valid, self.num_heads, causal=False))
+        mixed = run_transformer(self.inter, episodes, attention_mask(valid, causal=False))
         weights = valid.unsqueeze(-1).to(mixed.dtype)
         return (mixed * weights).sum(1) / weights.sum(1)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -25,21 +26,22 @@ class SinusoidalPositionalEncoding(nn.Module):
 
 
 def make_transformer(d_model: int, num_heads: int, num_layers: int, ff_dim: int) -> nn.TransformerEncoder:
-    """Pre-LN ``nn.TransformerEncoder`` (batch first, no dropout: PPO needs deterministic log-probs)."""
+    """Pre-LN ``nn.TransformerEncoder`` (batch first, ReLU as in TrMRL, no dropout: PPO needs
+    deterministic log-probs)."""
     layer = nn.TransformerEncoderLayer(
         d_model,
         num_heads,
         dim_feedforward=ff_dim,
         dropout=0.0,
-        activation="gelu",
+        activation="relu",
         batch_first=True,
         norm_first=True,
     )
     return nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(d_model), enable_nested_tensor=False)
 
 
-def attention_mask(valid: torch.Tensor, num_heads: int, causal: bool) -> torch.Tensor:
-    """Boolean attention mask ``[B * num_heads, S, S]`` (True = blocked) from ``valid [B, S]``.
+def attention_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Boolean attention mask ``[B, 1, S, S]`` (True = may attend, the SDPA convention) from ``valid [B, S]``.
 
     A query may attend to valid keys (and, if ``causal``, only to earlier ones). Every query may
     always attend to itself, so no row is fully blocked (which would produce NaNs); outputs at
@@ -49,8 +51,71 @@ def attention_mask(valid: torch.Tensor, num_heads: int, causal: bool) -> torch.T
     allowed = valid.unsqueeze(-2).expand(-1, size, -1)
     if causal:
         allowed = allowed & torch.ones(size, size, dtype=torch.bool, device=valid.device).tril()
-    allowed = allowed | torch.eye(size, dtype=torch.bool, device=valid.device)
-    return (~allowed).repeat_interleave(num_heads, dim=0)
+    return (allowed | torch.eye(size, dtype=torch.bool, device=valid.device)).unsqueeze(1)
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, S, d]`` -> ``[B, heads, S, d / heads]``."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def encoder_layer(
+    layer: nn.TransformerEncoderLayer, x: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A pre-LN ``nn.TransformerEncoderLayer`` computed from its own weights with fused attention.
+
+    Equal to ``layer(x, src_mask=~mask.repeat_interleave(heads, 0).squeeze(1))`` but with one
+    ``scaled_dot_product_attention`` call and none of ``nn.MultiheadAttention``'s per-call argument
+    handling, which dominates at the small sizes of a collection step.
+
+    Args:
+        layer: a ``norm_first``, ``batch_first`` encoder layer.
+        x: ``[B, S, d]`` input of the layer.
+        mask: ``[B, 1, S, S]`` boolean mask from :func:`attention_mask` (True = may attend).
+        query: optional ``[B]`` position per sequence. When given, only the output at that position
+            is computed (keys and values still cover the whole sequence): ``S`` times less work in
+            the queries, the output projection and the feed-forward block.
+
+    Returns:
+        ``[B, S, d]``, or ``[B, d]`` when ``query`` is given.
+    """
+    attn = layer.self_attn
+    heads, d = attn.num_heads, x.shape[-1]
+    h = F.layer_norm(x, (d,), layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+    if query is None:
+        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    else:
+        rows = torch.arange(len(x), device=x.device)
+        x = x[rows, query].unsqueeze(1)
+        mask = mask[rows, :, query].unsqueeze(2)
+        q = F.linear(h[rows, query].unsqueeze(1), attn.in_proj_weight[:d], attn.in_proj_bias[:d])
+        k, v = F.linear(h, attn.in_proj_weight[d:], attn.in_proj_bias[d:]).chunk(2, dim=-1)
+    attended = F.scaled_dot_product_attention(
+        _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads), attn_mask=mask
+    )
+    x = x + attn.out_proj(attended.transpose(1, 2).flatten(-2))
+    h = F.layer_norm(x, (d,), layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+    x = x + layer.linear2(layer.activation(layer.linear1(h)))
+    return x if query is None else x.squeeze(1)
+
+
+def run_transformer(
+    transformer: nn.TransformerEncoder, x: torch.Tensor, mask: torch.Tensor, query: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Every layer of a :func:`make_transformer` encoder through :func:`encoder_layer`, then its norm.
+
+    With ``query [B]`` the last layer is evaluated at that position only and ``[B, d]`` is returned.
+    """
+    *layers, final = transformer.layers
+    for layer in layers:
+        x = encoder_layer(layer, x, mask)
+    return transformer.norm(encoder_layer(final, x, mask, query))
+
+
+def reference_transformer(transformer: nn.TransformerEncoder, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The plain ``nn.TransformerEncoder`` call with the same mask (for tests and comparisons)."""
+    heads = transformer.layers[0].self_attn.num_heads
+    return transformer(x, mask=~mask.squeeze(1).repeat_interleave(heads, dim=0))
 
 
 class SequenceEncoder(nn.Module):
@@ -86,43 +151,10 @@ class SequenceEncoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         x = self.position(self.embed(tokens))
-        mask = attention_mask(valid, self.num_heads, self.causal)
-        *layers, final = self.transformer.layers
-        for layer in layers:
-            x = layer(x, src_mask=mask)
-        return self.transformer.norm(last_query_layer(final, x, mask, last))
+        return run_transformer(self.transformer, x, attention_mask(valid, self.causal), query=last)
 
     def forward_reference(self, tokens: torch.Tensor, valid: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """The plain path (every position through every layer); equal to :meth:`forward`."""
+        """The plain path (every position through ``nn.TransformerEncoder``); equal to :meth:`forward`."""
         x = self.position(self.embed(tokens))
-        x = self.transformer(x, mask=attention_mask(valid, self.num_heads, self.causal))
+        x = reference_transformer(self.transformer, x, attention_mask(valid, self.causal))
         return x[torch.arange(len(x), device=x.device), last]
-
-
-def last_query_layer(
-    layer: nn.TransformerEncoderLayer, x: torch.Tensor, mask: torch.Tensor, last: torch.Tensor
-) -> torch.Tensor:
-    """A pre-LN encoder layer evaluated at one query position per sequence.
-
-    Only the output at ``last [B]`` is read, so the final layer needs its attention and
-    feed-forward for that query alone (keys and values still cover the whole sequence): ``T`` times
-    less work in that layer.
-
-    Args:
-        layer: a ``norm_first`` ``nn.TransformerEncoderLayer`` (its own weights are used).
-        x: ``[B, S, d]`` input of the layer.
-        mask: ``[B * heads, S, S]`` boolean attention mask (True = blocked).
-        last: ``[B]`` query position.
-
-    Returns:
-        ``[B, d]``, equal to ``layer(x, src_mask=mask)[arange(B), last]``.
-    """
-    rows = torch.arange(len(x), device=x.device)
-    heads = layer.self_attn.num_heads
-    h = layer.norm1(x)
-    query = h[rows, last].unsqueeze(1)
-    row_mask = mask.view(len(x), heads, *mask.shape[-2:])[rows, :, last].reshape(len(x) * heads, 1, -1)
-    attended = layer.self_attn(query, h, h, attn_mask=row_mask, need_weights=False)[0]
-    y = x[rows, last].unsqueeze(1) + attended
-    y = y + layer.linear2(layer.activation(layer.linear1(layer.norm2(y))))
-    return y.squeeze(1)
