@@ -26,8 +26,8 @@ class MetaTestEvaluation(Callback):
     Memory is kept across the episodes of a trial and cleared between trials, exactly as in
     training. It also runs on ``htrmrl validate`` / ``htrmrl test`` (no training). After every
     evaluation, rank 0 writes ``meta_test.json`` (overall, per-episode-index and per-task results,
-    the frame count and the checkpoint evaluated) and ``adaptation_curve.png`` (success per
-    episode index, held-out tasks vs the latest training batch) into the run directory.
+    the frame count and the checkpoint evaluated) and ``adaptation_curve.png`` (success and return
+    per episode index, held-out tasks vs the latest training batch) into the run directory.
 
     Logs ``{prefix}/success``, ``{prefix}/return`` and, for ``k = 1..K``,
     ``{prefix}/success_ep{k}`` and ``{prefix}/return_ep{k}`` (an episode is a success if the task is
@@ -185,24 +185,29 @@ class MetaTestEvaluation(Callback):
         directory.mkdir(parents=True, exist_ok=True)
         results = self.results(trainer, pl_module)
         (directory / f"{self.prefix}.json").write_text(json.dumps(results, indent=2))
-        train_curve = [
-            trainer.callback_metrics.get(f"meta_train/success_ep{e + 1}")
-            for e in range(len(results["success_per_episode"]))
-        ]
-        self._plot(directory / "adaptation_curve.png", results, train_curve)
-
-    def _plot(self, path: Path, results: dict, train_curve: list) -> None:
         episodes = range(1, len(results["success_per_episode"]) + 1)
-        figure, axis = plt.subplots(figsize=(5, 3.5))
-        axis.plot(episodes, results["success_per_episode"], "o-", label=f"{self.split} tasks (evaluation)")
-        if all(value is not None for value in train_curve):
-            axis.plot(episodes, [float(v) for v in train_curve], "s--", label="train tasks (latest batch)")
-        axis.set_xlabel("episode within the trial")
-        axis.set_ylabel("success rate")
-        axis.set_ylim(-0.02, 1.02)
-        axis.set_xticks(list(episodes))
-        axis.set_title(f"adaptation after {results['frames']:,} frames")
-        axis.legend(loc="lower right")
+        train_curves = {
+            metric: [trainer.callback_metrics.get(f"meta_train/{metric}_ep{e}") for e in episodes]
+            for metric in ("success", "return")
+        }
+        self._plot(directory / "adaptation_curve.png", results, train_curves)
+
+    def _plot(self, path: Path, results: dict, train_curves: dict[str, list]) -> None:
+        """Success and return per episode index: held-out evaluation vs the latest training batch."""
+        episodes = range(1, len(results["success_per_episode"]) + 1)
+        figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        for axis, metric in zip(axes, ("success", "return"), strict=True):
+            axis.plot(episodes, results[f"{metric}_per_episode"], "o-", label=f"{self.split} tasks (evaluation)")
+            train_curve = train_curves[metric]
+            if all(value is not None for value in train_curve):
+                axis.plot(episodes, [float(v) for v in train_curve], "s--", label="train tasks (latest batch)")
+            axis.set_xlabel("episode within the trial")
+            axis.set_xticks(list(episodes))
+        axes[0].set_ylabel("success rate")
+        axes[0].set_ylim(-0.02, 1.02)
+        axes[0].legend(loc="lower right")
+        axes[1].set_ylabel("return per episode")
+        figure.suptitle(f"adaptation after {results['frames']:,} frames")
         figure.tight_layout()
         figure.savefig(path, dpi=100)
         plt.close(figure)
