@@ -225,26 +225,11 @@ class MetaPPO(LightningModule):
         """Write ``state_value``, ``advantage`` and ``value_target`` into ``records["steps"]``.
 
         Values come from the current critic on the features the policy computed at collection
-        (batches are collected with the current weights, so they equal a recompute); they are
-        recomputed only for batches without them. GAE runs along each collected row of whole
-        trials (``trials_shape = [B, K*L]``).
+        (batches are collected with the current weights, so they equal a recompute). GAE runs along
+        each collected row of whole trials (``trials_shape = [B, K*L]``).
         """
         steps = records["steps"]
-        if "features" in steps.keys():
-            values = self.critic(steps.select("features"))["state_value"]
-        else:
-            chunk = self.hparams.episodes_per_minibatch
-            values = torch.cat(
-                [
-                    self.critic(
-                        TensorDict(
-                            {"features": self.episode_features(records[i : i + chunk])},
-                            batch_size=steps[i : i + chunk].shape,
-                        )
-                    )["state_value"]
-                    for i in range(0, len(records), chunk)
-                ]
-            )
+        values = self.critic(steps.select("features"))["state_value"]
         trials = steps.reshape(trials_shape)
         values = values.reshape(*trials_shape, 1)
         if self.hparams.advantage_horizon == "episode":

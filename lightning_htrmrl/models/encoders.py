@@ -163,7 +163,6 @@ class HierarchicalEncoder(ContextEncoder):
                 f"model.encoder.init_args.d_model ({d_model}) must be divisible by num_heads ({num_heads})"
             )
         self.d_model = d_model
-        self.num_heads = num_heads
         self.intra = SequenceEncoder(self.token_dim, d_model, num_heads, intra_layers, ff_dim, max_len=window)
         self.inter = make_transformer(d_model, num_heads, inter_layers, ff_dim)
         self.inter_position = SinusoidalPositionalEncoding(d_model, num_episodes) if inter_positional else None

@@ -143,7 +143,6 @@ class SequenceEncoder(nn.Module):
         causal: bool = False,
     ) -> None:
         super().__init__()
-        self.num_heads = num_heads
         self.causal = causal
         self.embed = nn.Linear(in_dim, d_model)
         self.position = SinusoidalPositionalEncoding(d_model, max_len)
