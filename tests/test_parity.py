@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
@@ -298,7 +302,7 @@ from functools import partial
 
 from lightning.pytorch import Callback, Trainer
 
-from lightning_htrmrl.data import MetaRLDataModule, shutdown_collector
+from lightning_htrmrl.data import MetaRLDataModule
 from lightning_htrmrl.envs import PointRobot
 from lightning_htrmrl.models import HierarchicalEncoder
 from lightning_htrmrl.module import MetaPPO
@@ -323,22 +327,40 @@ if __name__ == "__main__":  # collector processes are spawned: they re-import th
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[parity])
     trainer.fit(module, data)
     assert len(parity.diffs) == 2 and max(parity.diffs) < 1e-5, parity.diffs
-    # a collector still referenced at interpreter exit (as in benchmarks/throughput.py)
-    collector = data.build_collector(module.make_policy())
-    next(iter(collector))
-    shutdown_collector(collector)
     print("fit done", flush=True)
 """
 
 
-def test_multi_process_collection_is_on_policy_and_the_process_exits(tmp_path) -> None:
-    """Two collector processes: every batch is collected with the current weights, and the Python
-    process exits by itself afterwards (no collector process or weight-sync thread left behind)."""
-    import subprocess
-    import sys
+COLLECTOR_LEFT_AT_EXIT = """
+from lightning_htrmrl.data import MetaRLDataModule, shutdown_collector
+from lightning_htrmrl.envs import PointRobot
+from lightning_htrmrl.models import HierarchicalEncoder
+from lightning_htrmrl.module import MetaPPO
 
-    script = tmp_path / "fit.py"
-    script.write_text(MULTI_PROCESS_FIT)
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+if __name__ == "__main__":
+    module = MetaPPO(2, 2, 12, 4, encoder=HierarchicalEncoder)
+    benchmark = PointRobot(episode_length=12, episodes_per_trial=4, num_goals=8)
+    data = MetaRLDataModule(benchmark, num_envs=2, num_collectors=2)
+    collector = data.build_collector(module.make_policy())  # still referenced when the interpreter exits
+    next(iter(collector))
+    shutdown_collector(collector)
+    print("collected", flush=True)
+"""
+
+
+def _run_script(path: Path, text: str, expected: str) -> None:
+    path.write_text(text)
+    result = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "fit done" in result.stdout
+    assert expected in result.stdout
+
+
+def test_multi_process_collection_is_on_policy(tmp_path) -> None:
+    """Two collector processes: every batch is collected with the current weights."""
+    _run_script(tmp_path / "fit.py", MULTI_PROCESS_FIT, "fit done")
+
+
+def test_process_exits_after_a_multi_process_collector(tmp_path) -> None:
+    """A process that used a 2-process collector exits by itself (TorchRL's weight-sync scheme would
+    otherwise block interpreter exit starting a queue thread in its ``__del__``)."""
+    _run_script(tmp_path / "collect.py", COLLECTOR_LEFT_AT_EXIT, "collected")
