@@ -201,16 +201,31 @@ def _advantages(module, batch):
     return steps["advantage"].squeeze(-1), steps["state_value"].squeeze(-1), steps["value_target"].squeeze(-1)
 
 
+GAMMA, LAMBDA = 0.9, 0.8
+
+
+def _gae_setup(tiny, horizon: str, normalize_rewards: bool, seed: int):
+    """A module with the given GAE settings, a batch whose rows hold 2 whole trials, and the done
+    mask ``[M, 2*K*L]`` the horizon implies (trial ends, or every episode end)."""
+    module = tiny.make_module(
+        tiny.encoders["hierarchical"],
+        gamma=GAMMA,
+        gae_lambda=LAMBDA,
+        advantage_horizon=horizon,
+        normalize_rewards=normalize_rewards,
+    )
+    env = tiny.point_robot().make_env("train", num_envs=tiny.M, seed=seed)
+    batch = tiny.collect(env, module.make_policy(seed=seed), trials_per_env=2)
+    t = torch.arange(2 * tiny.K * tiny.L)
+    period = tiny.K * tiny.L if horizon == "trial" else tiny.L
+    return module, batch, ((t + 1) % period == 0).expand(tiny.M, -1)
+
+
 @pytest.mark.parametrize("horizon", ["trial", "episode"])
 def test_gae_horizon(tiny, horizon) -> None:
     L, K, M = tiny.L, tiny.K, tiny.M
-    gamma, lmbda = 0.9, 0.8
     # normalize_rewards=False: plain GAE on the raw rewards (normalization is tested separately)
-    module = tiny.make_module(
-        tiny.encoders["hierarchical"], gamma=gamma, gae_lambda=lmbda, advantage_horizon=horizon, normalize_rewards=False
-    )
-    env = tiny.point_robot().make_env("train", num_envs=M, seed=8)
-    batch = tiny.collect(env, module.make_policy(seed=8), trials_per_env=2)  # rows hold 2 whole trials
+    module, batch, done = _gae_setup(tiny, horizon, normalize_rewards=False, seed=8)
     S = 2 * K * L
     advantage, value, target = _advantages(module, batch.clone())
     assert advantage.shape == value.shape == (M, S)
@@ -218,12 +233,7 @@ def test_gae_horizon(tiny, horizon) -> None:
     torch.testing.assert_close(target, advantage + value)
 
     reward = batch["next", "reward"].squeeze(-1)
-    t = torch.arange(S)
-    if horizon == "trial":
-        done = ((t + 1) % (K * L) == 0).expand(M, S)  # done only at trial ends
-    else:
-        done = ((t + 1) % L == 0).expand(M, S)  # every episode end is terminal
-    torch.testing.assert_close(advantage, _reference_gae(reward, value, done, gamma, lmbda), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(advantage, _reference_gae(reward, value, done, GAMMA, LAMBDA), rtol=1e-5, atol=1e-5)
 
     # Perturb one reward in episode 2 (index 1) of the first trial and see who is credited.
     perturbed = batch.clone()
@@ -253,22 +263,13 @@ def _discounted_returns(reward, done, gamma):
 @pytest.mark.parametrize("horizon", ["trial", "episode"])
 def test_gae_with_reward_normalization(tiny, horizon) -> None:
     """normalize_rewards divides the GAE rewards by the running std of the discounted return."""
-    L, K, M = tiny.L, tiny.K, tiny.M
-    gamma, lmbda = 0.9, 0.8
-    module = tiny.make_module(
-        tiny.encoders["hierarchical"], gamma=gamma, gae_lambda=lmbda, advantage_horizon=horizon, normalize_rewards=True
-    )
-    env = tiny.point_robot().make_env("train", num_envs=M, seed=9)
-    batch = tiny.collect(env, module.make_policy(seed=9), trials_per_env=2)
-    S = 2 * K * L
-    t = torch.arange(S)
-    done = ((t + 1) % (K * L if horizon == "trial" else L) == 0).expand(M, S)
+    module, batch, done = _gae_setup(tiny, horizon, normalize_rewards=True, seed=9)
     reward = batch["next", "reward"].squeeze(-1)
     advantage, value, target = _advantages(module, batch.clone())
-    returns = _discounted_returns(reward.double(), done, gamma)
+    returns = _discounted_returns(reward.double(), done, GAMMA)
     std = (returns.var(unbiased=False) + 1e-8).sqrt().float()
     assert std > 0.5, "point-robot dense returns are far from unit scale: normalization must matter"
-    expected = _reference_gae(reward / std, value, done, gamma, lmbda)
+    expected = _reference_gae(reward / std, value, done, GAMMA, LAMBDA)
     torch.testing.assert_close(advantage, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(target, advantage + value)
     # the raw reward is left alone in the batch (tokens and logged returns use it)
