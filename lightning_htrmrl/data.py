@@ -163,7 +163,8 @@ class MetaRLDataModule(LightningDataModule):
 
         With ``num_collectors > 1`` the envs run in that many processes (``sync=True``: on-policy
         batches), each with its own slots and seeds; the policy's weights are sent to them by
-        ``update_policy_weights_()`` before every batch.
+        ``update_policy_weights_()`` before every batch. This process keeps its torch threads
+        (TorchRL would cut them to cores minus workers): the workers wait while it trains.
         """
         common = dict(
             frames_per_batch=self.frames_per_batch,
@@ -176,7 +177,14 @@ class MetaRLDataModule(LightningDataModule):
         if self.num_collectors == 1:
             return Collector(self.env_factory()(), policy, **common)
         env_fns = [self.env_factory(worker) for worker in range(self.num_collectors)]
-        return Collector(env_fns, policy, num_collectors=self.num_collectors, sync=True, **common)
+        return Collector(
+            env_fns,
+            policy,
+            num_collectors=self.num_collectors,
+            sync=True,
+            num_threads=torch.get_num_threads(),
+            **common,
+        )
 
     def train_dataloader(self) -> DataLoader:
         module = self.trainer.lightning_module

@@ -301,6 +301,7 @@ def test_bad_module_options(tiny) -> None:
 MULTI_PROCESS_FIT = """
 from functools import partial
 
+import torch
 from lightning.pytorch import Callback, Trainer
 
 from lightning_htrmrl.data import MetaRLDataModule
@@ -312,13 +313,16 @@ from lightning_htrmrl.module import MetaPPO
 class Parity(Callback):
     def __init__(self):
         self.diffs = []
+        self.threads = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.threads.append(torch.get_num_threads())
         recomputed = pl_module.recompute_log_prob(batch).reshape(batch.shape)
         self.diffs.append(float((recomputed - batch["action_log_prob"]).abs().max()))
 
 
 if __name__ == "__main__":  # collector processes are spawned: they re-import this file
+    torch.set_num_threads(3)
     benchmark = PointRobot(episode_length=8, episodes_per_trial=3, num_goals=8)
     encoder = partial(HierarchicalEncoder, num_episodes=2, window=4, d_model=16, num_heads=2, ff_dim=32)
     module = MetaPPO(2, 2, 8, 3, encoder=encoder, ppo_epochs=1, episodes_per_minibatch=6)
@@ -328,6 +332,7 @@ if __name__ == "__main__":  # collector processes are spawned: they re-import th
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[parity])
     trainer.fit(module, data)
     assert len(parity.diffs) == 2 and max(parity.diffs) < 1e-5, parity.diffs
+    assert parity.threads == [3, 3], f"training lost its torch threads to the collector: {parity.threads}"
     print("fit done", flush=True)
 """
 
@@ -357,7 +362,8 @@ def _run_script(path: Path, text: str, expected: str) -> None:
 
 
 def test_multi_process_collection_is_on_policy(tmp_path) -> None:
-    """Two collector processes: every batch is collected with the current weights."""
+    """Two collector processes: every batch is collected with the current weights, and training
+    keeps the process's torch threads (the workers wait while it trains)."""
     _run_script(tmp_path / "fit.py", MULTI_PROCESS_FIT, "fit done")
 
 
