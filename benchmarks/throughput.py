@@ -4,11 +4,14 @@ All figures are measured in one run on the same cores:
 
 * ``raw_sim_fps``: raw ``metaworld`` envs with random actions, one process per collector process
   (at most one per core) with as many envs as a collector process has slots, episodes of the same
-  length including the resets between them; ``raw_step_only_fps`` is the ``env.step`` rate alone;
+  length including the resets between them; ``raw_step_only_fps`` is the ``env.step`` rate alone.
+  Both are the mean of a measurement before and one after the others (``raw_sim_fps_before_after``);
 * ``collect_fps``: the TorchRL Collector with the HTrMRL policy (episodic memory + encoder),
   ``num_collectors`` processes of ``num_envs`` slots each, no training;
 * ``train_fps`` / ``mlp_train_fps``: Lightning ``fit`` (collection + PPO updates) with the HTrMRL
-  encoder and with the memory-less MLP baseline, steady state (first iteration excluded).
+  encoder and with the memory-less MLP baseline, steady state (first iteration excluded);
+  ``update_ms_per_frame`` / ``mlp_update_ms_per_frame``: the part of that wall time spent in the
+  training steps (GAE + PPO epochs), per frame, next to ``raw_sim_ms_per_frame``.
 
 The last output line is one JSON object. Usage: ``python benchmarks/throughput.py [--iterations 4]``.
 """
@@ -109,19 +112,27 @@ def collect_fps(args: argparse.Namespace) -> float:
     return frames / elapsed
 
 
-def train_fps(args: argparse.Namespace, encoder: str) -> float:
-    """End-to-end Lightning fit frames/s (collection + PPO), first iteration excluded."""
+def train_fps(args: argparse.Namespace, encoder: str) -> tuple[float, float]:
+    """End-to-end Lightning fit, first iteration excluded.
+
+    Returns ``(frames/s, update ms per frame)``: the second figure is the time inside the training
+    steps (GAE + PPO epochs) per collected frame; the rest of the wall time is collection.
+    """
     from lightning.pytorch import Callback, Trainer
 
     from lightning_htrmrl.data import MetaRLDataModule
 
     class Clock(Callback):
         def __init__(self) -> None:
-            self.times: list[float] = []
+            self.starts: list[float] = []
+            self.ends: list[float] = []
             self.frames: list[int] = []
 
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.starts.append(time.perf_counter())
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.times.append(time.perf_counter())
+            self.ends.append(time.perf_counter())
             self.frames.append(int(pl_module.frames))
 
     benchmark = _benchmark(args.episode_length, args.episodes_per_trial)
@@ -141,7 +152,9 @@ def train_fps(args: argparse.Namespace, encoder: str) -> float:
         callbacks=[clock],
     )
     trainer.fit(module, data)
-    return (clock.frames[-1] - clock.frames[0]) / (clock.times[-1] - clock.times[0])
+    frames = clock.frames[-1] - clock.frames[0]
+    update_s = sum(end - start for start, end in zip(clock.starts[1:], clock.ends[1:], strict=True))
+    return frames / (clock.ends[-1] - clock.ends[0]), 1000 * update_s / frames
 
 
 def main() -> None:
@@ -157,20 +170,30 @@ def main() -> None:
     args = parser.parse_args()
 
     cores = len(os.sched_getaffinity(0))
-    raw, raw_steps_only = raw_sim_fps(
-        "reach-v3", min(cores, args.num_collectors), args.num_envs, args.episode_length, args.raw_steps
-    )
-    print(f"raw_sim_fps {raw:.0f} (env.step alone {raw_steps_only:.0f})", flush=True)
+
+    def measure_raw() -> tuple[float, float]:
+        rates = raw_sim_fps(
+            "reach-v3", min(cores, args.num_collectors), args.num_envs, args.episode_length, args.raw_steps
+        )
+        print(f"raw_sim_fps {rates[0]:.0f} (env.step alone {rates[1]:.0f})", flush=True)
+        return rates
+
+    # The raw rate is measured before and after the other figures and averaged: the speed of a
+    # shared machine drifts during a run, and every ratio divides by this number.
+    raw_before = measure_raw()
     collect = collect_fps(args)
     print(f"collect_fps {collect:.0f}", flush=True)
-    train = train_fps(args, "htrmrl")
-    print(f"train_fps {train:.0f}", flush=True)
-    mlp = train_fps(args, "mlp")
-    print(f"mlp_train_fps {mlp:.0f}", flush=True)
+    train, update_ms = train_fps(args, "htrmrl")
+    print(f"train_fps {train:.0f} (update {update_ms:.3f} ms/frame)", flush=True)
+    mlp, mlp_update_ms = train_fps(args, "mlp")
+    print(f"mlp_train_fps {mlp:.0f} (update {mlp_update_ms:.3f} ms/frame)", flush=True)
+    raw_after = measure_raw()
+    raw, raw_steps_only = ((before + after) / 2 for before, after in zip(raw_before, raw_after, strict=True))
     result = {
         "benchmark": "throughput",
         "task": "ML1 reach-v3",
         "raw_sim_fps": round(raw, 1),
+        "raw_sim_fps_before_after": [round(raw_before[0], 1), round(raw_after[0], 1)],
         "raw_step_only_fps": round(raw_steps_only, 1),
         "collect_fps": round(collect, 1),
         "train_fps": round(train, 1),
@@ -180,6 +203,11 @@ def main() -> None:
         "train_ratio": round(train / raw, 3),
         "mlp_train_ratio": round(mlp / raw, 3),
         "htrmrl_vs_mlp_time_per_frame": round(mlp / train, 3),
+        # Where a training frame's wall time goes, in ms: the simulator alone, then the PPO update.
+        "raw_sim_ms_per_frame": round(1000 / raw, 4),
+        "update_ms_per_frame": round(update_ms, 4),
+        "mlp_update_ms_per_frame": round(mlp_update_ms, 4),
+        "update_vs_raw_sim_time": round(update_ms * raw / 1000, 3),
         "settings": vars(args),
         "machine": {
             "platform": platform.platform(),

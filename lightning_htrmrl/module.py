@@ -269,7 +269,12 @@ class MetaPPO(LightningModule):
         self._buffer.empty()
         return self._buffer
 
+    def on_train_epoch_start(self) -> None:
+        # Evaluation and collector start-up happen between epochs: keep them out of the timings.
+        self._last_batch_end = None
+
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
+        update_start = time.perf_counter()
         optimizer = self.optimizers()
         records = self.episode_records(batch)
         self.estimate_advantage(records, batch.shape)
@@ -300,8 +305,11 @@ class MetaPPO(LightningModule):
         # different numbers of devices share one x-axis.
         frames = batch.numel() * self._world_size
         self.frames += frames
+        # Where the wall time goes: waiting for the collector vs the PPO update (per iteration).
         now = time.perf_counter()
+        metrics["time/update_s"] = torch.tensor(now - update_start)
         if self._last_batch_end is not None:
+            metrics["time/collect_s"] = torch.tensor(update_start - self._last_batch_end)
             metrics["time/fps"] = torch.tensor(frames / (now - self._last_batch_end))
         self._last_batch_end = now
         metrics["train/frames"] = self.frames.float()

@@ -64,7 +64,7 @@ def _error_lines(stderr: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- fit
 def test_tiny_fit_writes_metrics(tmp_path: Path) -> None:
-    # two batches so that time/fps (measured between batches) is logged too
+    # two batches so that time/fps and time/collect_s (measured between batches) are logged too
     args = ["fit", *CONFIGS, *TINY, "--data.iterations_per_epoch", "2"]
     result, _ = run_cli(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -76,6 +76,8 @@ def test_tiny_fit_writes_metrics(tmp_path: Path) -> None:
     expected = [
         "train/frames",
         "time/fps",
+        "time/collect_s",
+        "time/update_s",
         "meta_test/success",
         "meta_test/success_ep1",
         "meta_test/success_ep2",
@@ -95,6 +97,10 @@ def test_tiny_fit_writes_metrics(tmp_path: Path) -> None:
         assert any(row[key] not in ("", None) for row in rows), f"{key} never logged"
     frames = [float(row["train/frames"]) for row in rows if row["train/frames"]]
     assert frames == [4 * 2 * 10, 2 * 4 * 2 * 10]  # M * K * L frames per batch, x-axis in env frames
+    # the wall time of an iteration splits into waiting for the collector and the PPO update
+    (timed,) = [row for row in rows if row["time/fps"]]
+    iteration_s = float(timed["time/collect_s"]) + float(timed["time/update_s"])
+    assert float(timed["time/fps"]) == pytest.approx(4 * 2 * 10 / iteration_s, rel=1e-3)
     assert list((tmp_path / "runs").rglob("*.ckpt")), "no checkpoint written"
 
 
