@@ -5,7 +5,7 @@ the frame rate is the steady-state ``time/fps`` the module logs (frames of all p
 second, first batch excluded). The global meta-batch is the same in both runs
 (``ddp.split_meta_batch``). The last output line is one JSON object with the ratio.
 
-Usage: ``python benchmarks/ddp_scaling.py [--benchmark point_robot] [--accelerator cpu] [--epochs 2]``.
+Usage: ``python benchmarks/ddp_scaling.py [--benchmark point_robot] [--accelerator cpu|gpu] [--epochs 2]``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def fit_fps(args: argparse.Namespace, devices: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--benchmark", default="point_robot", help="a conf/benchmark/*.yaml name")
-    parser.add_argument("--accelerator", default="cpu")
+    # Two GPUs when present (NCCL, one per process), else CPU processes (gloo).
+    default_accelerator = "gpu" if torch.cuda.device_count() >= 2 else "cpu"
+    parser.add_argument("--accelerator", default=default_accelerator, choices=("cpu", "gpu"))
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     one = fit_fps(args, 1)

@@ -5,12 +5,14 @@ N in {1, 5, 10} and T in {10, 25, 50} it measures, each configuration in its own
 
 * ``params``: trainable parameters of the encoder;
 * ``train_s``: forward + backward of the training path for a minibatch of episodes;
-* ``peak_mb``: peak resident memory added by that forward + backward;
+* ``peak_mb``: peak memory added by that forward + backward (resident memory on CPU, allocated
+  memory on a GPU);
 * ``infer_ms``: per-step inference for a batch of envs during collection (cached past encodings
   for the hierarchical encoder; the flat one must re-encode all N x T tokens every step).
 
-The last output line is one JSON object with the ratios. Usage:
-``python benchmarks/model_cost.py [--episodes 2 --episode-length 100 --envs 8]``.
+It runs on the GPU when one is present (``--accelerator cpu`` to force the CPU). The last output line
+is one JSON object with the ratios. Usage:
+``python benchmarks/model_cost.py [--episodes 2 --episode-length 100 --envs 8] [--accelerator cpu]``.
 """
 
 from __future__ import annotations
@@ -37,43 +39,58 @@ def _encoder(kind: str, n: int, t: int):
     return FlatTransformerEncoder(OBS, ACT, num_layers=3, causal=True, **shared)
 
 
-def _peak_rss_mb() -> float:
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated on a GPU, resident (``ru_maxrss``, which only grows) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _measure(kind: str, n: int, t: int, args: dict, queue: mp.Queue) -> None:
+    torch.set_num_threads(args["threads"])
     torch.manual_seed(0)
-    encoder = _encoder(kind, n, t)
+    device = torch.device("cuda" if args["accelerator"] == "gpu" else "cpu")
+    encoder = _encoder(kind, n, t).to(device)
     token_dim = encoder.token_dim
     e, length, envs = args["episodes"], max(args["episode_length"], t), args["envs"]
-    tokens = torch.randn(e, length, token_dim)
+    tokens = torch.randn(e, length, token_dim, device=device)
     observation = tokens[..., :OBS]
-    past = torch.randn(e, n - 1, t, token_dim)
-    valid = torch.ones(e, n - 1, dtype=torch.bool)
+    past = torch.randn(e, n - 1, t, token_dim, device=device)
+    valid = torch.ones(e, n - 1, dtype=torch.bool, device=device)
 
     def train_step() -> None:
         encoder.zero_grad(set_to_none=True)
         encoder(tokens, observation, past, valid).square().mean().backward()
 
-    base = _peak_rss_mb()  # before the first step: ru_maxrss only grows
+    base = _peak_memory_mb(device)  # before the first step
     train_step()  # warm-up
-    peak = _peak_rss_mb() - base
+    peak = _peak_memory_mb(device) - base
+    _synchronize(device)
     start = time.perf_counter()
     for _ in range(args["repeats"]):
         train_step()
+    _synchronize(device)
     train_s = (time.perf_counter() - start) / args["repeats"]
 
     with torch.no_grad():
-        cache = encoder.begin_episode(torch.randn(envs, n - 1, t, token_dim), torch.ones(envs, n - 1, dtype=torch.bool))
-        window = torch.randn(envs, t, token_dim)
-        lengths = torch.full((envs,), t)
-        obs = torch.randn(envs, OBS)
+        past_windows = torch.randn(envs, n - 1, t, token_dim, device=device)
+        cache = encoder.begin_episode(past_windows, torch.ones(envs, n - 1, dtype=torch.bool, device=device))
+        window = torch.randn(envs, t, token_dim, device=device)
+        lengths = torch.full((envs,), t, device=device)
+        obs = torch.randn(envs, OBS, device=device)
         for _ in range(5):
             encoder.step(cache, window, lengths, obs)
         steps = args["infer_steps"]
+        _synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
             encoder.step(cache, window, lengths, obs)
+        _synchronize(device)
         infer_ms = (time.perf_counter() - start) / steps * 1e3
     params = sum(p.numel() for p in encoder.parameters())
     queue.put({"params": params, "train_s": train_s, "peak_mb": peak, "infer_ms": infer_ms})
@@ -96,9 +113,9 @@ def main() -> None:
     parser.add_argument("--envs", type=int, default=8, help="envs per inference step")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--infer-steps", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
+    parser.add_argument("--accelerator", default="gpu" if torch.cuda.is_available() else "cpu", choices=("cpu", "gpu"))
     args = vars(parser.parse_args())
-    torch.set_num_threads(args["threads"])
 
     table: dict[str, dict] = {}
     for n in (1, 5, 10):
@@ -135,7 +152,7 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "threads": args["threads"],
             "torch": torch.__version__,
-            "device": "cpu",
+            "device": torch.cuda.get_device_name() if args["accelerator"] == "gpu" else "cpu",
         },
     }
     print(json.dumps(result))

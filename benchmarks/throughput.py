@@ -13,7 +13,9 @@ All figures are measured in one run on the same cores:
   ``update_ms_per_frame`` / ``mlp_update_ms_per_frame``: the part of that wall time spent in the
   training steps (GAE + PPO epochs), per frame, next to ``raw_sim_ms_per_frame``.
 
-The last output line is one JSON object. Usage: ``python benchmarks/throughput.py [--iterations 4]``.
+The policy and the PPO update run on the GPU when one is present (``--accelerator cpu`` to force
+the CPU); Meta-World always simulates on the CPU. The last output line is one JSON object. Usage:
+``python benchmarks/throughput.py [--iterations 4] [--num-envs 16] [--accelerator cpu]``.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def collect_fps(args: argparse.Namespace) -> float:
     from lightning_htrmrl.data import MetaRLDataModule, shutdown_collector
 
     benchmark = _benchmark(args.episode_length, args.episodes_per_trial)
-    module = _module("htrmrl", benchmark)
+    module = _module("htrmrl", benchmark).to("cuda" if args.accelerator == "gpu" else "cpu")
     data = MetaRLDataModule(benchmark, num_envs=args.num_envs, num_collectors=args.num_collectors)
     collector = data.build_collector(module.make_policy(), module.device)
     batches = iter(collector)
@@ -143,7 +145,7 @@ def train_fps(args: argparse.Namespace, encoder: str) -> tuple[float, float]:
     clock = Clock()
     trainer = Trainer(
         max_epochs=1,
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=1,
         logger=False,
         enable_checkpointing=False,
@@ -167,6 +169,7 @@ def main() -> None:
     parser.add_argument("--episode-length", type=int, default=200)
     parser.add_argument("--episodes-per-trial", type=int, default=4)
     parser.add_argument("--raw-steps", type=int, default=1_000, help="raw steps of each env")
+    parser.add_argument("--accelerator", default="gpu" if torch.cuda.is_available() else "cpu", choices=("cpu", "gpu"))
     args = parser.parse_args()
 
     cores = len(os.sched_getaffinity(0))
@@ -214,7 +217,7 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "cores": cores,
             "torch": torch.__version__,
-            "device": "cpu",
+            "device": torch.cuda.get_device_name() if args.accelerator == "gpu" else "cpu",
         },
     }
     print(json.dumps(result))
