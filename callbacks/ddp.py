@@ -22,8 +22,8 @@ from lightning_htrmrl.envs.base import ConfigError
 class DDPScaling(Callback):
     """Share the meta-batch across processes and monitor that they stay in sync.
 
-    Logs ``ddp/weight_spread`` (largest difference of any parameter between processes after an
-    epoch: 0 when in sync) and ``ddp/identical_task_fraction`` (fraction of trial slots of the first
+    Logs ``ddp/weight_spread`` (largest difference of any parameter or buffer, e.g. the input
+    normalisation statistics, between processes after an epoch: 0 when in sync) and ``ddp/identical_task_fraction`` (fraction of trial slots of the first
     batch that got the same task on every process: about ``1 / num_tasks`` with distinct seeds).
 
     Args:
@@ -60,7 +60,7 @@ class DDPScaling(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: object, batch: TensorDictBase, batch_idx: int
     ) -> None:
-        if trainer.world_size == 1 or trainer.global_step == 0 or pl_module.frames > batch.numel() * trainer.world_size:
+        if trainer.world_size == 1 or pl_module.frames != batch.numel() * trainer.world_size:
             return
         # First batch of the run: compare each trial slot's task across processes.
         tasks = pl_module.all_gather(batch["task_id"][:, 0].contiguous())
@@ -70,7 +70,8 @@ class DDPScaling(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.world_size == 1:
             return
-        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        tensors = [*pl_module.parameters(), *pl_module.buffers()]
+        flat = torch.cat([t.detach().double().flatten() for t in tensors])
         gathered = pl_module.all_gather(flat)
         spread = (gathered.max(dim=0).values - gathered.min(dim=0).values).max()
         pl_module.log("ddp/weight_spread", spread, batch_size=1)

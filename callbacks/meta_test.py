@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +21,13 @@ from lightning_htrmrl.envs.trial import TrialEnv  # noqa: E402
 from lightning_htrmrl.runs import run_directory  # noqa: E402
 
 
+def confidence_half_width(values: torch.Tensor) -> torch.Tensor:
+    """Half-width of the normal 95 % confidence interval of the mean of ``values [n]`` (0 if n < 2)."""
+    if values.numel() < 2:
+        return values.new_zeros(())
+    return 1.96 * values.std() / values.numel() ** 0.5
+
+
 class MetaTestEvaluation(Callback):
     """Every ``every_n_epochs`` epochs, run ``num_trials`` trials of ``K`` episodes on ``split`` tasks.
 
@@ -31,8 +39,12 @@ class MetaTestEvaluation(Callback):
 
     Logs ``{prefix}/success``, ``{prefix}/return`` and, for ``k = 1..K``,
     ``{prefix}/success_ep{k}`` and ``{prefix}/return_ep{k}`` (an episode is a success if the task is
-    solved at any of its steps). Under DDP each process evaluates its own share of the tasks and the
-    means are reduced with torchmetrics, so the numbers do not depend on the number of processes.
+    solved at any of its steps); ``{prefix}/success_ci95``, the half-width of the normal 95 %
+    confidence interval of ``{prefix}/success`` over trials (trials are the independent units: the
+    episodes of a trial share a task); ``time/eval_s``, the evaluation's wall time, and
+    ``time/elapsed_min``, the training wall time when it ended. Under DDP each process evaluates its
+    own share of the tasks and the means are reduced with torchmetrics, so the numbers do not depend
+    on the number of processes.
 
     Args:
         every_n_epochs: evaluation period in training epochs.
@@ -115,6 +127,7 @@ class MetaTestEvaluation(Callback):
             task_ids = pl_module.all_gather(task_ids).flatten()
             trial_success = pl_module.all_gather(trial_success).flatten()
         self._per_task = self._task_table(trainer, task_ids.cpu(), trial_success.cpu())
+        metrics[f"{self.prefix}/success_ci95"] = confidence_half_width(trial_success.float())
         return metrics
 
     def _task_table(self, trainer: Trainer, task_ids: torch.Tensor, success: torch.Tensor) -> dict[str, dict]:
@@ -151,7 +164,10 @@ class MetaTestEvaluation(Callback):
         self._run(trainer, pl_module)
 
     def _run(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        start = time.perf_counter()
         metrics = self.evaluate(trainer, pl_module)
+        metrics["time/eval_s"] = torch.tensor(time.perf_counter() - start)
+        metrics["time/elapsed_min"] = torch.tensor(pl_module.elapsed_minutes())
         self.last_results = {key: float(value) for key, value in metrics.items()}
         pl_module.log_dict(metrics, batch_size=1)
         if trainer.state.fn == TrainerFn.FITTING:
@@ -169,12 +185,14 @@ class MetaTestEvaluation(Callback):
             "split": self.split,
             "success": self.last_results[f"{prefix}/success"],
             "return": self.last_results[f"{prefix}/return"],
+            "success_ci95": self.last_results[f"{prefix}/success_ci95"],
             "success_per_episode": [self.last_results[f"{prefix}/success_ep{e + 1}"] for e in range(k)],
             "return_per_episode": [self.last_results[f"{prefix}/return_ep{e + 1}"] for e in range(k)],
             **self._per_task,
             "num_trials": self._trials(trainer),
             "deterministic": self.deterministic,
             "frames": int(pl_module.frames),
+            "elapsed_min": self.last_results["time/elapsed_min"],
             "epoch": trainer.current_epoch,
             "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             "benchmark": trainer.datamodule.benchmark.describe(),

@@ -1,13 +1,15 @@
 """Episodic memory: the ``N`` most recent episodes of the current trial, per env, and window sampling.
 
 The policy conditions on ``N`` episodes: the ``N - 1`` previous episodes of the trial (one length-``T``
-window each, with a uniformly drawn start that is sampled once when an episode begins) and the
-current episode (its last ``T`` tokens). The same window arithmetic serves collection (a ring
+window each, chosen once when an episode begins: with a uniformly drawn start, or ending at the
+episode's highest-reward step) and the current episode (its last ``T`` tokens). The same window arithmetic serves collection (a ring
 buffer of episodes, :class:`EpisodicMemory`) and training (whole trials in a batch,
 :func:`episode_records`), so both paths see identical inputs by construction.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -66,6 +68,25 @@ def current_windows(tokens: torch.Tensor, step: torch.Tensor, window: int) -> tu
     return gather_windows(tokens.unsqueeze(1), episode, start, window), length
 
 
+WindowSelection = Literal["uniform", "max_reward"]
+WINDOW_SELECTIONS = ("uniform", "max_reward")
+
+
+def max_reward_window_starts(rewards: torch.Tensor, window: int) -> torch.Tensor:
+    """Starts of the windows that end at each episode's highest-reward step.
+
+    Args:
+        rewards: ``[*B, L]`` the reward entry of each stored token (token ``t`` holds ``r_{t-1}``;
+            the first token of an episode holds the previous episode's last reward and is skipped).
+        window: ``T``.
+
+    Returns:
+        ``[*B]`` starts in ``[0, L - T]`` (the first highest step on ties).
+    """
+    best = rewards[..., 1:].argmax(-1) + 1
+    return (best - window + 1).clamp(0, rewards.shape[-1] - window)
+
+
 def sample_window_starts(
     shape: tuple[int, ...], episode_length: int, window: int, generator: torch.Generator
 ) -> torch.Tensor:
@@ -87,6 +108,8 @@ class EpisodicMemory:
         token_dim: ``D``.
         seed: seeds the window-start sampler.
         device: storage device.
+        selection: ``uniform`` (a uniformly drawn start) or ``max_reward`` (the window ending at the
+            past episode's highest-reward step; the reward is the token's second-to-last entry).
     """
 
     def __init__(
@@ -98,7 +121,11 @@ class EpisodicMemory:
         token_dim: int,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        selection: WindowSelection = "uniform",
     ) -> None:
+        if selection not in WINDOW_SELECTIONS:
+            raise ValueError(f"window selection must be one of {list(WINDOW_SELECTIONS)}, got {selection!r}")
+        self.selection = selection
         self.num_episodes = num_episodes
         self.episode_length = episode_length
         self.window = window
@@ -122,7 +149,7 @@ class EpisodicMemory:
         self.storage["token"][envs, episode_idx % self.num_episodes, step] = token
 
     def sample_past_windows(self, episode_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draw one window per past episode for envs starting episode ``episode_idx [n]``.
+        """Choose one window per past episode for envs starting episode ``episode_idx [n]``.
 
         Only valid for the ``n`` envs given (pass ``episode_idx`` of every env; select rows after).
 
@@ -131,9 +158,15 @@ class EpisodicMemory:
         """
         num_past = self.num_episodes - 1
         ids, valid = past_episode_ids(episode_idx, num_past)
-        starts = sample_window_starts(ids.shape, self.episode_length, self.window, self.generator).to(ids.device)
+        slots = ids % self.num_episodes
+        if self.selection == "max_reward":
+            envs = torch.arange(self.num_envs, device=ids.device).unsqueeze(-1)
+            rewards = self.storage["token"][envs, slots, :, -2]  # [M, N-1, L]
+            starts = max_reward_window_starts(rewards, self.window)
+        else:
+            starts = sample_window_starts(ids.shape, self.episode_length, self.window, self.generator).to(ids.device)
         starts = starts * valid
-        windows = gather_windows(self.storage["token"], ids % self.num_episodes, starts, self.window)
+        windows = gather_windows(self.storage["token"], slots, starts, self.window)
         return starts, valid, windows
 
     def current_window(self, episode_idx: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,9 +27,10 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
 from lightning_htrmrl.envs.base import ConfigError, require_positive
-from lightning_htrmrl.memory import episode_records
+from lightning_htrmrl.memory import WINDOW_SELECTIONS, WindowSelection, episode_records
 from lightning_htrmrl.models import ContextEncoder, HierarchicalEncoder, make_actor, make_critic, make_policy
 from lightning_htrmrl.models.heads import Distribution
+from lightning_htrmrl.models.normalization import RunningMeanStd
 
 EncoderFactory = Callable[[int, int], ContextEncoder]
 CHECKPOINT_KEY = "htrmrl"
@@ -70,31 +71,6 @@ def discounted_returns(reward: torch.Tensor, done: torch.Tensor, gamma: float) -
     return returns
 
 
-class RunningMeanStd(torch.nn.Module):
-    """Running mean and variance of a stream of values (parallel Welford); saved in checkpoints."""
-
-    def __init__(self, epsilon: float = 1e-8) -> None:
-        super().__init__()
-        self.epsilon = epsilon
-        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("var", torch.ones((), dtype=torch.float64))
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
-
-    @property
-    def std(self) -> torch.Tensor:
-        return (self.var + self.epsilon).sqrt().float()
-
-    def update(self, values: torch.Tensor) -> None:
-        values = values.detach().double().flatten()
-        batch_mean, batch_var, batch_count = values.mean(), values.var(unbiased=False), values.numel()
-        delta = batch_mean - self.mean
-        total = self.count + batch_count
-        self.mean += delta * batch_count / total
-        m2 = self.var * self.count + batch_var * batch_count + delta.square() * self.count * batch_count / total
-        self.var = m2 / total
-        self.count = total
-
-
 class MetaPPO(LightningModule):
     """PPO on whole trials for an in-context (RL^2-style) meta-RL policy.
 
@@ -112,6 +88,15 @@ class MetaPPO(LightningModule):
         normalize_rewards: divide the rewards used for GAE and the critic by the running standard
             deviation of the discounted trial return (the token and the logged returns keep the raw
             reward); keeps value targets O(1) whatever the reward scale of the benchmark.
+        normalize_inputs: standardise the encoder's tokens and states per feature with running
+            statistics of the collected tokens (``encoder.input_norm``). The first batch only
+            initialises them (no update: it was collected without them); afterwards they are
+            updated after each PPO update, so a batch is trained with the statistics it was
+            collected with. Synced across DDP processes, saved in checkpoints.
+        past_windows: how the window of each past episode is chosen when an episode starts:
+            ``uniform`` (a uniformly drawn start, as in the paper) or ``max_reward`` (the window
+            ending at that episode's highest-reward step). The starts are stored in the batch, so
+            training recomputes exactly what was collected either way.
         ppo_epochs: passes over the batch per training step.
         episodes_per_minibatch: episodes per gradient step.
         max_grad_norm: gradient-norm clip.
@@ -137,6 +122,8 @@ class MetaPPO(LightningModule):
         critic_coeff: float = 0.5,
         normalize_advantage: bool = True,
         normalize_rewards: bool = True,
+        normalize_inputs: bool = True,
+        past_windows: WindowSelection = "uniform",
         ppo_epochs: int = 4,
         episodes_per_minibatch: int = 32,
         max_grad_norm: float = 0.5,
@@ -151,6 +138,8 @@ class MetaPPO(LightningModule):
             ("max_grad_norm", max_grad_norm),
         ):
             require_positive(f"model.{key}", value)
+        if past_windows not in WINDOW_SELECTIONS:
+            raise ConfigError(f"model.past_windows must be one of {list(WINDOW_SELECTIONS)}, got {past_windows!r}")
         if not 0.0 <= gamma <= 1.0 or not 0.0 <= gae_lambda <= 1.0:
             raise ConfigError(f"model.gamma and model.gae_lambda must lie in [0, 1], got {gamma}, {gae_lambda}")
         self.save_hyperparameters(ignore=["encoder", "optimizer"])
@@ -183,13 +172,15 @@ class MetaPPO(LightningModule):
         self.register_buffer("frames", torch.zeros((), dtype=torch.long))
         self.return_stats = RunningMeanStd()
         self._last_batch_end: float | None = None
+        self._elapsed_s = 0.0  # training wall time before this process's fit started (resumed runs)
+        self._fit_clock: float | None = None
         self._buffer: TensorDictReplayBuffer | None = None
         self.resolved_config: str | None = None  # set by the CLI; stored in checkpoints
 
     # ------------------------------------------------------------------ policies
     def make_policy(self, seed: int = 0):
         """A fresh collection/evaluation policy (own memory, shared weights)."""
-        return make_policy(self.encoder, self.actor, self.hparams.episode_length, seed)
+        return make_policy(self.encoder, self.actor, self.hparams.episode_length, seed, self.hparams.past_windows)
 
     # ------------------------------------------------------------------ training
     @property
@@ -269,12 +260,20 @@ class MetaPPO(LightningModule):
         self._buffer.empty()
         return self._buffer
 
+    def on_train_start(self) -> None:
+        self._fit_clock = time.perf_counter()
+
+    def elapsed_minutes(self) -> float:
+        """Wall-clock minutes of training (evaluations included), continued across resumes."""
+        running = time.perf_counter() - self._fit_clock if self._fit_clock is not None else 0.0
+        return (self._elapsed_s + running) / 60.0
+
     def on_train_epoch_start(self) -> None:
         # Evaluation and collector start-up happen between epochs: keep them out of the timings.
         self._last_batch_end = None
 
-    def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
-        update_start = time.perf_counter()
+    def ppo_update(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
+        """GAE, then ``ppo_epochs`` passes over minibatches of episodes; returns the mean losses."""
         optimizer = self.optimizers()
         records = self.episode_records(batch)
         self.estimate_advantage(records, batch.shape)
@@ -299,7 +298,22 @@ class MetaPPO(LightningModule):
                 for key in LOSS_KEYS + DIAGNOSTIC_KEYS:
                     if key in losses.keys():
                         sums[key] += losses[key].detach().float().mean()
-        metrics = {f"train/{key}": value / updates for key, value in sums.items()}
+        return {f"train/{key}": value / updates for key, value in sums.items()}
+
+    def update_input_norm(self, batch: TensorDictBase) -> None:
+        """Merge the batch's tokens (every process's) into the encoder's input statistics."""
+        gather = self.all_gather if self._world_size > 1 else None
+        self.encoder.input_norm.update(batch["token"], gather)
+
+    def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
+        update_start = time.perf_counter()
+        metrics: dict[str, torch.Tensor] = {}
+        if self.hparams.normalize_inputs and not self.encoder.input_norm.initialized:
+            self.update_input_norm(batch)  # collected without statistics: it only initialises them
+        else:
+            metrics.update(self.ppo_update(batch))
+            if self.hparams.normalize_inputs:
+                self.update_input_norm(batch)
         metrics.update(self.trial_metrics(batch, "meta_train"))
         # Frames and fps count every process (batches are equal-sized), so curves from runs on
         # different numbers of devices share one x-axis.
@@ -313,6 +327,7 @@ class MetaPPO(LightningModule):
             metrics["time/fps"] = torch.tensor(frames / (now - self._last_batch_end))
         self._last_batch_end = now
         metrics["train/frames"] = self.frames.float()
+        metrics["time/elapsed_min"] = torch.tensor(self.elapsed_minutes())
         self.log_dict(metrics, batch_size=1)
         progress = {"frames": self.frames.float(), "success": metrics["meta_train/success"]}
         if "time/fps" in metrics:
@@ -334,11 +349,17 @@ class MetaPPO(LightningModule):
             "benchmark": datamodule.benchmark.describe() if datamodule is not None else None,
             "config": self.resolved_config,
             "torch_rng_state": torch.get_rng_state(),
+            "elapsed_s": self.elapsed_minutes() * 60.0,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if CHECKPOINT_KEY not in checkpoint:
             raise ConfigError("ckpt_path: this checkpoint was not written by lightning_htrmrl (no 'htrmrl' entry)")
+        self._elapsed_s = float(checkpoint[CHECKPOINT_KEY].get("elapsed_s", 0.0))
+        # Checkpoints written before inputs were normalised load with the identity normalisation.
+        state = checkpoint.get("state_dict", {})
+        for key, value in self.encoder.input_norm.state_dict(prefix="encoder.input_norm.").items():
+            state.setdefault(key, value)
         rng_state = checkpoint[CHECKPOINT_KEY].get("torch_rng_state")
         if rng_state is not None:
             torch.set_rng_state(rng_state)  # action sampling continues where it stopped

@@ -217,3 +217,38 @@ def test_episode_records_rebuild_collected_windows(tiny, monkeypatch, num_episod
         assert torch.equal(windows[past_valid], rec_windows[:, e][past_valid])
     # nothing from trial 1 is visible to trial 2's first episode
     assert not rec_valid[:, K].any()
+
+
+def test_max_reward_windows_end_at_the_best_step() -> None:
+    L, T, N, M, D = 8, 3, 3, 3, 6
+    memory = EpisodicMemory(M, N, L, T, token_dim=D, seed=0, selection="max_reward")
+    best_steps = torch.tensor([[5, 1], [7, 6], [2, 3]])  # per env, for past episodes 0 and 1
+    for episode in range(2):
+        for step in range(L):
+            token = torch.zeros(M, D)
+            token[:, 0] = 10 * episode + step  # identifies the stored step
+            token[:, -2] = (best_steps[:, episode] == step).float()  # the reward entry
+            if step == 0:
+                token[:, -2] = 5.0  # the previous episode's last reward: never picked
+            memory.write(token, torch.full((M,), episode), torch.full((M,), step))
+    starts, valid, windows = memory.sample_past_windows(torch.full((M,), 2))
+    assert valid.all()
+    expected = (best_steps - T + 1).clamp(0, L - T)
+    assert torch.equal(starts, expected)
+    # each window's tokens are consecutive steps of its own episode, ending at the best one where possible
+    for env in range(M):
+        for past in range(2):
+            steps = windows[env, past, :, 0] - 10 * past
+            assert torch.equal(steps, torch.arange(T, dtype=steps.dtype) + expected[env, past])
+            assert int(best_steps[env, past]) in steps.tolist()
+
+
+@pytest.mark.parametrize("kind", ["hierarchical", "flat"])
+def test_max_reward_windows_keep_log_prob_parity(tiny, kind) -> None:
+    module = tiny.make_module(tiny.encoders[kind], past_windows="max_reward")
+    env = tiny.point_robot(sparse=False).make_env("train", num_envs=tiny.M, seed=4)
+    batch = tiny.collect(env, module.make_policy(seed=4), trials_per_env=2)
+    starts = batch["window_starts"][batch["episode_idx"] > 0]
+    assert starts.unique().numel() > 1, "dense rewards should peak at different steps"
+    diff = (module.recompute_log_prob(batch).reshape(batch.shape) - batch["action_log_prob"]).abs().max()
+    assert diff < 1e-5, f"log-prob parity broken: max abs diff {diff:.3g}"

@@ -107,11 +107,13 @@ def test_one_update_in_a_real_trainer(tiny, kind) -> None:
 
 
 def test_ppo_epochs_cover_every_episode_once_per_epoch(tiny, monkeypatch) -> None:
-    """Each PPO epoch visits every episode of the batch exactly once (also on later training steps)."""
+    """Each PPO epoch visits every episode of the batch exactly once (also on later training steps).
+
+    The first batch only initialises the input statistics; the second and third are trained on."""
     L, K, M = tiny.L, tiny.K, tiny.M
     module = tiny.make_module(tiny.encoders["hierarchical"], ppo_epochs=2, episodes_per_minibatch=8)
     datamodule = MetaRLDataModule(
-        benchmark=tiny.point_robot(), num_envs=M, trials_per_env=2, iterations_per_epoch=2, seed=1
+        benchmark=tiny.point_robot(), num_envs=M, trials_per_env=2, iterations_per_epoch=3, seed=1
     )
     seen: list[torch.Tensor] = []
     original = module.loss_module.forward
@@ -129,9 +131,9 @@ def test_ppo_epochs_cover_every_episode_once_per_epoch(tiny, monkeypatch) -> Non
     trainer.fit(module, datamodule=datamodule)
     episodes = M * 2 * K
     # rows of the training batch are single whole trials
-    assert probe.shapes == [torch.Size([M * 2, K * L])] * 2
-    # every batch is on-policy: the second one was collected after the first update (no prefetching
-    # ahead of training_step), so parity also holds on it
+    assert probe.shapes == [torch.Size([M * 2, K * L])] * 3
+    # every batch is on-policy: each was collected after the previous update and input statistics
+    # (no prefetching ahead of training_step), so parity also holds on it
     assert max(probe.diffs) < 1e-5, probe.diffs
     assert [len(x) for x in seen] == [8] * (2 * 2 * episodes // 8)
     per_epoch = episodes // 8
@@ -175,7 +177,11 @@ def test_meta_test_callback_covers_every_test_task_and_logs_the_adaptation_curve
     assert sorted(trials["task_id"][:, 0].tolist()) == list(range(num_tasks))
     assert (trials["task_id"] == trials["task_id"][:, :1]).all()
     # the same tasks (and, with deterministic actions, the same results) at every evaluation
-    assert {key: float(value) for key, value in again.items()} == callback.last_results
+    assert {key: float(value) for key, value in again.items()} == {key: callback.last_results[key] for key in again}
+    # the confidence interval is over trials: one success rate (mean over the K episodes) per trial
+    trial_success = trials["next", "success"].reshape(num_tasks, K, -1).any(-1).float().mean(-1)
+    torch.testing.assert_close(again["meta_test/success_ci95"], 1.96 * trial_success.std() / num_tasks**0.5)
+    assert callback.last_results["time/eval_s"] > 0
     returns = torch.stack([again[f"meta_test/return_ep{k}"] for k in range(1, K + 1)])
     torch.testing.assert_close(returns.mean(), again["meta_test/return"])
 

@@ -1,6 +1,8 @@
 """Context encoders: map the episodic memory and the current state to the features the heads see.
 
-Every encoder has two entry points that compute the same function:
+Every encoder standardises its inputs (tokens and state) with an :class:`InputNormalizer` whose
+statistics the trainer updates between PPO iterations, and has two entry points that compute the
+same function:
 
 * collection (one step for ``M`` envs): :meth:`ContextEncoder.begin_episode` once per episode on the
   past windows (its result is cached), then :meth:`ContextEncoder.step` at every step;
@@ -21,6 +23,7 @@ from torch import nn
 
 from lightning_htrmrl.envs.base import ConfigError, require_positive
 from lightning_htrmrl.memory import current_windows
+from lightning_htrmrl.models.normalization import InputNormalizer
 from lightning_htrmrl.models.layers import (
     SequenceEncoder,
     SinusoidalPositionalEncoding,
@@ -54,6 +57,7 @@ class ContextEncoder(nn.Module, abc.ABC):
         self.window = window
         self.state_embedding = nn.Linear(obs_dim, state_embedding_dim) if state_embedding_dim else None
         self.state_embedding_dim = state_embedding_dim
+        self.input_norm = InputNormalizer(self.token_dim, obs_dim)
 
     @property
     @abc.abstractmethod
@@ -65,31 +69,39 @@ class ContextEncoder(nn.Module, abc.ABC):
         """Size of the features ``[z, phi2(s)]`` given to the heads."""
         return self.context_dim + self.state_embedding_dim
 
-    @abc.abstractmethod
     def begin_episode(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
         """Encode the past episodes once per episode.
 
         Args:
-            past_windows: ``[M, N-1, T, D]`` one window per past episode.
+            past_windows: ``[M, N-1, T, D]`` one window of raw tokens per past episode.
             past_valid: ``[M, N-1]`` whether that past episode exists.
 
         Returns:
             A cache TensorDict ``[M]`` handed to :meth:`step` at every step of the episode.
         """
+        return self.encode_past(self.input_norm(past_windows), past_valid)
+
+    def context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """Context ``z [M, context_dim]`` from the cache and the current window of raw tokens
+        ``[M, T, D]`` whose first ``length [M]`` tokens are valid."""
+        return self.encode_context(cache, self.input_norm(window), length)
 
     @abc.abstractmethod
-    def context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        """Context ``z [M, context_dim]`` from the cache and the current window ``[M, T, D]``
-        whose first ``length [M]`` tokens are valid."""
+    def encode_past(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
+        """:meth:`begin_episode` on normalised tokens."""
+
+    @abc.abstractmethod
+    def encode_context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """:meth:`context` on normalised tokens."""
 
     def step(
         self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor, observation: torch.Tensor
     ) -> torch.Tensor:
-        """Features ``[M, out_features]`` for one step of ``M`` envs."""
+        """Features ``[M, out_features]`` for one step of ``M`` envs (raw tokens and state)."""
         z = self.context(cache, window, length)
         if self.state_embedding is None:
             return z
-        return torch.cat([z, self.state_embedding(observation)], dim=-1)
+        return torch.cat([z, self.state_embedding(self.input_norm.observation(observation))], dim=-1)
 
     def forward(
         self,
@@ -175,7 +187,7 @@ class HierarchicalEncoder(ContextEncoder):
         """T1: ``windows [B, T, D]`` with ``length [B]`` valid tokens -> ``[B, d_model]``."""
         return self.intra(windows, _window_valid(length, self.window), length - 1)
 
-    def begin_episode(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
+    def encode_past(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
         envs, num_past = past_valid.shape
         flat = past_windows.flatten(0, 1)
         full = torch.full((len(flat),), self.window, device=flat.device)
@@ -193,7 +205,7 @@ class HierarchicalEncoder(ContextEncoder):
         weights = valid.unsqueeze(-1).to(mixed.dtype)
         return (mixed * weights).sum(1) / weights.sum(1)
 
-    def context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    def encode_context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         current = self.encode_windows(window, length)
         episodes = torch.cat([cache["past_encoding"], current.unsqueeze(1)], dim=1)
         current_valid = torch.ones(len(current), 1, dtype=torch.bool, device=current.device)
@@ -246,10 +258,10 @@ class FlatTransformerEncoder(ContextEncoder):
     def context_dim(self) -> int:
         return self.d_model
 
-    def begin_episode(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
+    def encode_past(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
         return TensorDict({"past_windows": past_windows, "past_valid": past_valid}, batch_size=[len(past_valid)])
 
-    def context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    def encode_context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         past = cache["past_windows"].flatten(1, 2)
         past_valid = cache["past_valid"].repeat_interleave(self.window, dim=1)
         tokens = torch.cat([past, window], dim=1)
@@ -271,9 +283,9 @@ class MLPEncoder(ContextEncoder):
     def context_dim(self) -> int:
         return self.obs_dim
 
-    def begin_episode(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
+    def encode_past(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
         return TensorDict({}, batch_size=[len(past_valid)])
 
-    def context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    def encode_context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
         # With T = 1 the window is the current token, whose first entries are s_t.
         return window[:, 0, : self.obs_dim]

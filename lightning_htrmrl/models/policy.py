@@ -7,7 +7,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase, TensorDictSequential
 from torchrl.modules import ProbabilisticActor, TanhNormal
 
-from lightning_htrmrl.memory import EpisodicMemory
+from lightning_htrmrl.memory import EpisodicMemory, WindowSelection
 from lightning_htrmrl.models.encoders import ContextEncoder
 
 
@@ -25,13 +25,17 @@ class EpisodicContext(TensorDictModuleBase):
         encoder: the context encoder.
         episode_length: ``L``.
         seed: seeds window sampling.
+        window_selection: how past-episode windows are chosen (see :class:`EpisodicMemory`).
     """
 
     in_keys = ["token", "observation", "episode_idx", "step_in_episode"]
     out_keys = ["features", "window_starts"]
 
-    def __init__(self, encoder: ContextEncoder, episode_length: int, seed: int = 0) -> None:
+    def __init__(
+        self, encoder: ContextEncoder, episode_length: int, seed: int = 0, window_selection: WindowSelection = "uniform"
+    ) -> None:
         super().__init__()
+        self.window_selection = window_selection
         self.encoder = encoder
         self.episode_length = episode_length
         self.seed = seed
@@ -48,6 +52,7 @@ class EpisodicContext(TensorDictModuleBase):
             token.shape[-1],
             seed=self.seed,
             device=token.device,
+            selection=self.window_selection,
         )
         num_past = self.encoder.num_episodes - 1
         empty = token.new_zeros(num_envs, num_past, self.encoder.window, token.shape[-1])
@@ -102,10 +107,14 @@ class ActionLogProb(TensorDictModuleBase):
 
 
 def make_policy(
-    encoder: ContextEncoder, actor: ProbabilisticActor, episode_length: int, seed: int = 0
+    encoder: ContextEncoder,
+    actor: ProbabilisticActor,
+    episode_length: int,
+    seed: int = 0,
+    window_selection: WindowSelection = "uniform",
 ) -> TensorDictSequential:
     """Memory, encoder and actor as one TorchRL policy for collectors and rollouts."""
-    modules = [EpisodicContext(encoder, episode_length, seed), actor]
+    modules = [EpisodicContext(encoder, episode_length, seed, window_selection), actor]
     if issubclass(actor[-1].distribution_class, TanhNormal):
         modules.append(ActionLogProb(actor))
     return TensorDictSequential(*modules)

@@ -1,0 +1,322 @@
+"""Learning benchmark: held-out success of config variants x seeds for a fixed budget, with confidence intervals.
+
+Every (variant, seed) is one ``htrmrl fit`` run through the CLI, one at a time (training uses every
+core), for ``--minutes`` of wall clock or ``--frames`` env frames. From the run's own
+``metrics.csv`` it keeps every held-out evaluation (success with its 95 % interval over trials,
+success and return per episode index of the trial, frames, minutes) and writes one result file per
+finished run, ``<out>/<variant>/seed<S>.json``. A result file that exists is not run again, so an
+interrupted benchmark continues where it stopped; a file made with another resolved config is
+refused (use another ``--out``).
+
+Then, per variant: the final held-out success (last evaluation) as the mean over seeds with a
+Student-t 95 % confidence interval, the final success per episode index, and the first minute and
+frame count at which the seed-mean success reaches ``--target``. ``<out>/learning.json`` holds
+the curves and the summary, ``<out>/learning.png`` held-out success vs frames and vs minutes (mean
+line, band = 95 % interval over seeds). The last stdout line is one JSON object.
+
+Variants are model configs (``htrmrl``, ``trmrl``, ``mlp`` = ``conf/model/<name>.yaml``) or
+``NAME=conf/a.yaml,conf/b.yaml`` (files composed after ``conf/base.yaml`` and the benchmark
+config; ``NAME=conf/model/htrmrl.yaml,--model.entropy_coeff=0.01`` also passes CLI options).
+Usage::
+
+    python benchmarks/learning.py --variants htrmrl trmrl mlp --seeds 0 1 2 --minutes 30
+    python benchmarks/learning.py --benchmark point_robot --variants htrmrl --seeds 0 1 2 --minutes 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+MODEL_VARIANTS = ("htrmrl", "trmrl", "mlp")
+# Keys of a resolved config that may differ between runs of the same variant and seed.
+RUN_SPECIFIC_KEYS = ("config", "ckpt_path")
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``htrmrl`` or ``NAME=conf/a.yaml,--key=value`` -> (name, extra CLI arguments)."""
+    if "=" not in spec.split(",")[0] or spec.startswith("--"):
+        if spec not in MODEL_VARIANTS:
+            raise SystemExit(f"error: --variants: unknown variant {spec!r}; use one of {MODEL_VARIANTS} or NAME=FILES")
+        return spec, ["--config", str(CONF / "model" / f"{spec}.yaml")]
+    name, items = spec.split("=", 1)
+    args: list[str] = []
+    for item in items.split(","):
+        if item.startswith("--"):
+            args.extend(item.split("=", 1))
+        else:
+            path = Path(item) if Path(item).is_absolute() else REPO / item
+            if not path.is_file():
+                raise SystemExit(f"error: --variants: {name}: no such config file: {item}")
+            args.extend(["--config", str(path)])
+    return name, args
+
+
+def fit_command(benchmark: str, variant_args: list[str], seed: int, budget: dict, extra: list[str]) -> list[str]:
+    """The ``htrmrl fit`` command line of one run (a frame budget is added as ``max_epochs`` later)."""
+    command = [sys.executable, "-m", "lightning_htrmrl", "fit"]
+    command += ["--config", str(CONF / "base.yaml"), "--config", str(CONF / "benchmark" / f"{benchmark}.yaml")]
+    command += variant_args
+    command += ["--seed_everything", str(seed), "--data.seed", str(seed), "--trainer.enable_progress_bar", "false"]
+    if budget["minutes"] is not None:
+        total = int(round(budget["minutes"] * 60))
+        command += ["--trainer.max_epochs", "-1", "--trainer.max_time", f"00:{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"]
+    return command + extra
+
+
+def resolved_config(command: list[str], cwd: Path) -> dict:
+    """The config the command would run with (``--print_config``), without run-specific keys."""
+    printed = subprocess.run(command + ["--print_config"], cwd=cwd, capture_output=True, text=True, check=True)
+    config = yaml.safe_load(printed.stdout)
+    for key in RUN_SPECIFIC_KEYS:
+        config.pop(key, None)
+    return config
+
+
+def same_config(stored: dict, current: dict) -> bool:
+    """Whether a stored run's config is the current one; options added to the code since then
+    (absent from ``stored``) are taken to be at the default they had before."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        return all(key in current and same_config(value, current[key]) for key, value in stored.items())
+    return stored == current
+
+
+def frames_per_epoch(config: dict) -> int:
+    data, benchmark = config["data"], config["data"]["benchmark"]["init_args"]
+    trial = benchmark["episode_length"] * benchmark["episodes_per_trial"]
+    return data["num_collectors"] * data["num_envs"] * data["trials_per_env"] * trial * data["iterations_per_epoch"]
+
+
+def read_curve(run: Path) -> dict:
+    """Held-out evaluations and the last training-batch figures from a run's ``metrics.csv``."""
+    with (run / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+
+    def value(row: dict, key: str) -> float | None:
+        text = row.get(key, "")
+        return float(text) if text not in ("", None) else None
+
+    evaluations, frames = [], 0.0
+    episodes = sorted(int(k.rsplit("ep", 1)[1]) for k in rows[0] if k.startswith("meta_test/success_ep"))
+    for row in rows:
+        frames = value(row, "train/frames") or frames
+        success = value(row, "meta_test/success")
+        if success is None:
+            continue
+        evaluations.append(
+            {
+                "frames": int(frames),
+                "minutes": value(row, "time/elapsed_min"),
+                "eval_s": value(row, "time/eval_s"),
+                "success": success,
+                "success_ci95": value(row, "meta_test/success_ci95"),
+                "success_per_episode": [value(row, f"meta_test/success_ep{k}") for k in episodes],
+                "return_per_episode": [value(row, f"meta_test/return_ep{k}") for k in episodes],
+            }
+        )
+    train_rows = [row for row in rows if value(row, "meta_train/success") is not None]
+    last = train_rows[-3:]
+    meta_train = {
+        "success": float(np.mean([value(r, "meta_train/success") for r in last])) if last else None,
+        "success_per_episode": [
+            float(np.mean([value(r, f"meta_train/success_ep{k}") for r in last])) for k in episodes
+        ]
+        if last
+        else None,
+    }
+    elapsed = max((value(r, "time/elapsed_min") or 0.0 for r in rows), default=0.0)
+    return {"evaluations": evaluations, "meta_train_final": meta_train, "elapsed_min": elapsed}
+
+
+def run_one(name: str, command: list[str], config: dict, seed: int, work: Path, result_file: Path) -> dict:
+    """Train one (variant, seed) and write its result file."""
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "fit.log"
+    print(f"[learning] {name} seed {seed}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    with log.open("w") as handle:
+        completed = subprocess.run(command, cwd=work, stdout=handle, stderr=subprocess.STDOUT)
+    if completed.returncode != 0:
+        raise SystemExit(f"error: {name} seed {seed} failed (exit {completed.returncode}); see {log}")
+    runs = sorted((work / "runs").glob("*/version_*"), key=lambda p: p.stat().st_mtime)
+    curve = read_curve(runs[-1])
+    if not curve["evaluations"]:
+        raise SystemExit(f"error: {name} seed {seed} logged no held-out evaluation; see {log}")
+    result = {"variant": name, "seed": seed, "command": command[2:], "config": config, **curve}
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def t_half_width(values: list[float]) -> float | None:
+    """Half-width of the Student-t 95 % confidence interval of the mean (None for one value)."""
+    if len(values) < 2:
+        return None
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def step_curve(evaluations: list[dict], axis: str, grid: np.ndarray) -> np.ndarray:
+    """Held-out success on ``grid`` (the latest evaluation at or before each point; NaN before the first)."""
+    xs = np.array([e[axis] for e in evaluations], dtype=float)
+    ys = np.array([e["success"] for e in evaluations], dtype=float)
+    index = np.searchsorted(xs, grid, side="right") - 1
+    return np.where(index >= 0, ys[np.clip(index, 0, None)], np.nan)
+
+
+def first_reaching(grid: np.ndarray, mean: np.ndarray, target: float) -> float | None:
+    reached = np.nonzero(np.nan_to_num(mean, nan=-1.0) >= target)[0]
+    return float(grid[reached[0]]) if len(reached) else None
+
+
+def summarize(name: str, results: list[dict], budget: dict, target: float) -> tuple[dict, dict]:
+    """Per-variant summary and mean curves (vs frames and vs minutes)."""
+    finals = [r["evaluations"][-1] for r in results]
+    success = [f["success"] for f in finals]
+    per_episode = np.array([f["success_per_episode"] for f in finals])
+    curves, reach = {}, {}
+    for axis, top in (("frames", max(f["frames"] for f in finals)), ("minutes", max(f["minutes"] for f in finals))):
+        grid = np.linspace(0.0, top, 200)
+        seeds = np.stack([step_curve(r["evaluations"], axis, grid) for r in results])
+        mean = seeds.mean(0)
+        half = (
+            np.array([t_half_width(list(column)) or 0.0 for column in seeds.T])
+            if len(results) > 1
+            else np.zeros_like(mean)
+        )
+        curves[axis] = {"grid": grid.tolist(), "mean": mean.tolist(), "ci95": np.nan_to_num(half).tolist()}
+        reach[axis] = first_reaching(grid, mean, target)
+    summary = {
+        "variant": name,
+        "seeds": [r["seed"] for r in results],
+        "budget": budget,
+        "final_success_mean": float(np.mean(success)),
+        "final_success_ci95": t_half_width(success),
+        "final_success_per_seed": success,
+        "final_success_per_episode": per_episode.mean(0).round(4).tolist(),
+        # less noisy than one evaluation: each seed's mean over its last 3 evaluations
+        "late_success_mean": float(np.mean([np.mean([e["success"] for e in r["evaluations"][-3:]]) for r in results])),
+        "final_frames_mean": float(np.mean([f["frames"] for f in finals])),
+        "final_meta_train_success_mean": float(np.mean([r["meta_train_final"]["success"] for r in results])),
+        f"minutes_to_{target}": reach["minutes"],
+        f"frames_to_{target}": reach["frames"],
+        "eval_share": float(
+            np.mean(
+                [sum(e["eval_s"] or 0.0 for e in r["evaluations"]) / 60.0 / max(r["elapsed_min"], 1e-9) for r in results]
+            )
+        ),
+    }
+    return summary, curves
+
+
+def plot(path: Path, curves: dict[str, dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, key, label in ((axes[0], "frames", "env frames"), (axes[1], "minutes", "wall-clock minutes")):
+        for name, variant in curves.items():
+            curve = variant[key]
+            grid, mean, half = (np.array(curve[k]) for k in ("grid", "mean", "ci95"))
+            (line,) = axis.plot(grid, mean, label=name)
+            axis.fill_between(grid, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+        axis.set_xlabel(label)
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out success (mean over seeds)")
+    axes[0].legend(loc="upper left")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--benchmark", default="ml1_reach", help="conf/benchmark/<name>.yaml")
+    parser.add_argument("--variants", nargs="+", default=list(MODEL_VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    budget_group = parser.add_mutually_exclusive_group(required=True)
+    budget_group.add_argument("--minutes", type=float, help="wall-clock budget of each run")
+    budget_group.add_argument("--frames", type=int, help="env-frame budget of each run (rounded up to whole epochs)")
+    parser.add_argument("--target", type=float, default=0.8, help="held-out success for minutes_to_<target>")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/...)")
+    parser.add_argument("--work", type=Path, default=REPO / "runs_learning", help="where run folders go")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="CLI options for every run, e.g. data.num_envs=8")
+    parser.add_argument("--keep-runs", action="store_true", help="keep run folders (checkpoints) after a run")
+    args = parser.parse_args()
+    if not (CONF / "benchmark" / f"{args.benchmark}.yaml").is_file():
+        choices = sorted(p.stem for p in (CONF / "benchmark").glob("*.yaml"))
+        raise SystemExit(f"error: --benchmark: unknown {args.benchmark!r}; choose one of {choices}")
+    budget = {"minutes": args.minutes, "frames": args.frames}
+    budget_name = f"{args.minutes:g}min" if args.minutes is not None else f"{args.frames}frames"
+    out = args.out or REPO / "benchmarks" / "results" / "learning" / f"{args.benchmark}_{budget_name}"
+    extra = [part for item in args.set for part in f"--{item.removeprefix('--')}".split("=", 1)]
+    variants = [parse_variant(spec) for spec in args.variants]
+
+    summaries, curves = [], {}
+    for name, variant_args in variants:
+        results = []
+        for seed in args.seeds:
+            command = fit_command(args.benchmark, variant_args, seed, budget, extra)
+            work = args.work / out.name / name / f"seed{seed}"
+            work.mkdir(parents=True, exist_ok=True)
+            config = resolved_config(command, work)
+            if args.frames is not None:  # whole epochs (Lightning counts optimizer steps, not batches)
+                epochs = -(-args.frames // frames_per_epoch(config))
+                command += ["--trainer.max_epochs", str(epochs)]
+                config["trainer"]["max_epochs"] = epochs
+            result_file = out / name / f"seed{seed}.json"
+            if result_file.is_file():
+                result = json.loads(result_file.read_text())
+                if not same_config(result["config"], config):
+                    raise SystemExit(
+                        f"error: {result_file} was made with another config for {name!r}; pass another --out"
+                    )
+                print(f"[learning] {name} seed {seed}: done before ({result_file})", file=sys.stderr)
+            else:
+                shutil.rmtree(work / "runs", ignore_errors=True)
+                result = run_one(name, command, config, seed, work, result_file)
+                if not args.keep_runs:
+                    shutil.rmtree(work / "runs", ignore_errors=True)
+            results.append(result)
+        summary, curve = summarize(name, results, budget, args.target)
+        summaries.append(summary)
+        curves[name] = curve
+
+    title = f"{args.benchmark}: held-out success, {len(args.seeds)} seeds, budget {budget_name}"
+    report = {"benchmark": args.benchmark, "budget": budget, "machine": machine(), "variants": summaries}
+    (out / "learning.json").write_text(json.dumps({**report, "curves": curves}, indent=1))
+    plot(out / "learning.png", curves, title)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

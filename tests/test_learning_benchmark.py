@@ -1,0 +1,79 @@
+"""``benchmarks/learning.py`` on a tiny point-robot budget: real CLI runs, result files, resume, summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "learning.py"
+TINY = [
+    "data.num_envs=4",
+    "data.iterations_per_epoch=1",
+    "data.benchmark.init_args.episode_length=10",
+    "data.benchmark.init_args.episodes_per_trial=2",
+    "data.benchmark.init_args.num_goals=8",
+    "meta_test.num_trials=4",
+    "meta_test.num_envs=4",
+    "model.encoder.init_args.num_episodes=2",
+    "model.encoder.init_args.window=4",
+    "model.encoder.init_args.d_model=16",
+    "model.encoder.init_args.num_heads=2",
+    "model.encoder.init_args.intra_layers=1",
+    "model.encoder.init_args.ff_dim=16",
+    "model.ppo_epochs=1",
+    "model.episodes_per_minibatch=4",
+]
+FRAMES_PER_EPOCH = 4 * 10 * 2  # num_envs x L x K, one iteration per epoch
+
+
+def run_benchmark(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(SCRIPT), "--benchmark", "point_robot", "--variants", "htrmrl"]
+    command += ["--frames", str(3 * FRAMES_PER_EPOCH), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    command += ["--set", *TINY, *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_learning_benchmark_writes_results_and_resumes(tmp_path: Path) -> None:
+    first = run_benchmark(tmp_path, "--seeds", "0", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    (variant,) = summary["variants"]
+    for key in ("variant", "seeds", "budget", "final_success_mean", "final_success_ci95", "minutes_to_0.8"):
+        assert key in variant, f"{key} missing from the JSON line"
+    assert variant["seeds"] == [0, 1] and variant["budget"]["frames"] == 3 * FRAMES_PER_EPOCH
+    assert 0.0 <= variant["final_success_mean"] <= 1.0 and variant["final_success_ci95"] >= 0.0
+    assert variant["final_frames_mean"] == 3 * FRAMES_PER_EPOCH
+    assert len(variant["final_success_per_episode"]) == 2
+    assert "machine" in summary
+
+    out = tmp_path / "out"
+    report = json.loads((out / "learning.json").read_text())
+    assert set(report["curves"]["htrmrl"]) == {"frames", "minutes"}
+    assert (out / "learning.png").stat().st_size > 0
+    result = json.loads((out / "htrmrl" / "seed0.json").read_text())
+    evaluations = result["evaluations"]
+    assert [e["frames"] for e in evaluations] == [FRAMES_PER_EPOCH * k for k in (1, 2, 3)]
+    assert all(e["minutes"] > 0 and e["success_ci95"] is not None for e in evaluations)
+    assert [e["minutes"] for e in evaluations] == sorted(e["minutes"] for e in evaluations)
+    assert len(evaluations[-1]["success_per_episode"]) == 2
+    assert result["config"]["seed_everything"] == 0 and result["config"]["data"]["seed"] == 0
+    assert json.loads((out / "htrmrl" / "seed1.json").read_text())["config"]["seed_everything"] == 1
+
+    # A finished run is not repeated: only the new seed trains.
+    before = (out / "htrmrl" / "seed0.json").stat().st_mtime_ns
+    second = run_benchmark(tmp_path, "--seeds", "0", "2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "htrmrl seed 0: done before" in second.stderr
+    assert (out / "htrmrl" / "seed0.json").stat().st_mtime_ns == before
+    assert (out / "htrmrl" / "seed2.json").is_file()
+    assert json.loads(second.stdout.strip().splitlines()[-1])["variants"][0]["seeds"] == [0, 2]
+
+    # Results made with another config are never mixed in.
+    third = run_benchmark(tmp_path, "--seeds", "0", "--set", "model.ppo_epochs=2")
+    assert third.returncode != 0
+    assert "another config" in third.stderr
