@@ -21,6 +21,7 @@ Usage::
 
     python benchmarks/learning.py --variants htrmrl trmrl mlp --seeds 0 1 2 --minutes 30
     python benchmarks/learning.py --benchmark point_robot --variants htrmrl --seeds 0 1 2 --minutes 5
+    python benchmarks/learning.py --variants htrmrl mlp --seeds 0 1 2 --minutes 30 --summarize-only
 """
 
 from __future__ import annotations
@@ -128,6 +129,14 @@ def read_curve(run: Path) -> dict:
             }
         )
     train_rows = [row for row in rows if value(row, "meta_train/success") is not None]
+    # The training batches' success (train tasks, sampled actions): what choices are made on.
+    meta_train_curve = [
+        {
+            "frames": int(value(row, "train/frames")),
+            "success_per_episode": [round(value(row, f"meta_train/success_ep{k}"), 4) for k in episodes],
+        }
+        for row in train_rows
+    ]
     last = train_rows[-3:]
     meta_train = {
         "success": float(np.mean([value(r, "meta_train/success") for r in last])) if last else None,
@@ -138,7 +147,12 @@ def read_curve(run: Path) -> dict:
         else None,
     }
     elapsed = max((value(r, "time/elapsed_min") or 0.0 for r in rows), default=0.0)
-    return {"evaluations": evaluations, "meta_train_final": meta_train, "elapsed_min": elapsed}
+    return {
+        "evaluations": evaluations,
+        "meta_train_final": meta_train,
+        "meta_train": meta_train_curve,
+        "elapsed_min": elapsed,
+    }
 
 
 def run_one(name: str, command: list[str], config: dict, seed: int, work: Path, result_file: Path) -> dict:
@@ -271,6 +285,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs_learning", help="where run folders go")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="CLI options for every run, e.g. data.num_envs=8")
     parser.add_argument("--keep-runs", action="store_true", help="keep run folders (checkpoints) after a run")
+    parser.add_argument(
+        "--summarize-only", action="store_true", help="train nothing: summarise the seeds that have result files"
+    )
     args = parser.parse_args()
     if not (CONF / "benchmark" / f"{args.benchmark}.yaml").is_file():
         choices = sorted(p.stem for p in (CONF / "benchmark").glob("*.yaml"))
@@ -294,6 +311,8 @@ def main() -> None:
                 command += ["--trainer.max_epochs", str(epochs)]
                 config["trainer"]["max_epochs"] = epochs
             result_file = out / name / f"seed{seed}.json"
+            if args.summarize_only and not result_file.is_file():
+                continue
             if result_file.is_file():
                 result = json.loads(result_file.read_text())
                 if not same_config(result["config"], config):
@@ -307,11 +326,14 @@ def main() -> None:
                 if not args.keep_runs:
                     shutil.rmtree(work / "runs", ignore_errors=True)
             results.append(result)
+        if not results:
+            raise SystemExit(f"error: no result files for {name!r} in {out}")
         summary, curve = summarize(name, results, budget, args.target)
         summaries.append(summary)
         curves[name] = curve
 
-    title = f"{args.benchmark}: held-out success, {len(args.seeds)} seeds, budget {budget_name}"
+    seeds = sorted({seed for summary in summaries for seed in summary["seeds"]})
+    title = f"{args.benchmark}: held-out success, seeds {seeds}, budget {budget_name}"
     report = {"benchmark": args.benchmark, "budget": budget, "machine": machine(), "variants": summaries}
     (out / "learning.json").write_text(json.dumps({**report, "curves": curves}, indent=1))
     plot(out / "learning.png", curves, title)

@@ -51,7 +51,7 @@ class MetaTestEvaluation(Callback):
         num_trials: trials per evaluation; ``None``: one per task of ``split``. Tasks are assigned
             in a fixed order, so the same tasks are evaluated every time and ``num_trials`` equal to
             the number of tasks covers each exactly once.
-        num_envs: env slots stepped as one batch; ``None``: ``min(num_trials, data.num_envs)``.
+        num_envs: env slots stepped as one batch (at most ``num_trials``); ``None``: ``data.num_envs``.
         split: ``test`` (held-out tasks) or ``train``.
         deterministic: act with the distribution's mean instead of sampling (default: sample, as
             exploration in early episodes is part of in-context adaptation).
@@ -90,7 +90,7 @@ class MetaTestEvaluation(Callback):
     def _get_env(self, trainer: Trainer, pl_module: LightningModule) -> TrialEnv:
         if self._env is None:
             datamodule = trainer.datamodule
-            num_envs = self.num_envs or min(self._trials(trainer), datamodule.num_envs)
+            num_envs = min(self.num_envs or datamodule.num_envs, self._trials(trainer))
             self._env = datamodule.benchmark.make_env(
                 self.split, num_envs, seed=self.seed, cycle_tasks=True, device=pl_module.device
             )

@@ -108,8 +108,8 @@ class EpisodicMemory:
         token_dim: ``D``.
         seed: seeds the window-start sampler.
         device: storage device.
-        selection: ``uniform`` (a uniformly drawn start) or ``max_reward`` (the window ending at the
-            past episode's highest-reward step; the reward is the token's second-to-last entry).
+        past_windows: ``uniform`` (a uniformly drawn start) or ``max_reward`` (the window ending at
+            the past episode's highest-reward step; the reward is the token's second-to-last entry).
     """
 
     def __init__(
@@ -121,11 +121,11 @@ class EpisodicMemory:
         token_dim: int,
         seed: int = 0,
         device: torch.device | str = "cpu",
-        selection: WindowSelection = "uniform",
+        past_windows: WindowSelection = "uniform",
     ) -> None:
-        if selection not in WINDOW_SELECTIONS:
-            raise ValueError(f"window selection must be one of {list(WINDOW_SELECTIONS)}, got {selection!r}")
-        self.selection = selection
+        if past_windows not in WINDOW_SELECTIONS:
+            raise ValueError(f"past_windows must be one of {list(WINDOW_SELECTIONS)}, got {past_windows!r}")
+        self.past_windows = past_windows
         self.num_episodes = num_episodes
         self.episode_length = episode_length
         self.window = window
@@ -159,7 +159,7 @@ class EpisodicMemory:
         num_past = self.num_episodes - 1
         ids, valid = past_episode_ids(episode_idx, num_past)
         slots = ids % self.num_episodes
-        if self.selection == "max_reward":
+        if self.past_windows == "max_reward":
             envs = torch.arange(self.num_envs, device=ids.device).unsqueeze(-1)
             rewards = self.storage["token"][envs, slots, :, -2]  # [M, N-1, L]
             starts = max_reward_window_starts(rewards, self.window)

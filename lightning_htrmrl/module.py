@@ -8,7 +8,9 @@ One training step consumes one batch of whole trials ``[B, K * L]`` from the col
    trial is one long episode: exploration in episode 1 is credited by later episodes);
 3. ``ppo_epochs`` passes over minibatches of episodes from a TorchRL replay buffer, each pass
    recomputing features with gradients and calling :class:`~torchrl.objectives.ClipPPOLoss`,
-   ``self.manual_backward``, ``self.clip_gradients`` and ``optimizer.step()``.
+   ``self.manual_backward``, ``self.clip_gradients`` and ``optimizer.step()``;
+4. merge the batch's tokens into the encoder's input-normalisation statistics (used from the next
+   collection on; the very first batch only initialises them and is not trained on).
 """
 
 from __future__ import annotations

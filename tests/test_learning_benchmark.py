@@ -73,6 +73,12 @@ def test_learning_benchmark_writes_results_and_resumes(tmp_path: Path) -> None:
     assert (out / "htrmrl" / "seed2.json").is_file()
     assert json.loads(second.stdout.strip().splitlines()[-1])["variants"][0]["seeds"] == [0, 2]
 
+    # Summarising trains nothing: the seeds with result files are summarised.
+    summary_only = run_benchmark(tmp_path, "--seeds", "0", "1", "2", "3", "--summarize-only")
+    assert summary_only.returncode == 0, summary_only.stderr[-3000:]
+    assert json.loads(summary_only.stdout.strip().splitlines()[-1])["variants"][0]["seeds"] == [0, 1, 2]
+    assert not (out / "htrmrl" / "seed3.json").exists()
+
     # Results made with another config are never mixed in.
     third = run_benchmark(tmp_path, "--seeds", "0", "--set", "model.ppo_epochs=2")
     assert third.returncode != 0

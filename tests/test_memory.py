@@ -221,7 +221,7 @@ def test_episode_records_rebuild_collected_windows(tiny, monkeypatch, num_episod
 
 def test_max_reward_windows_end_at_the_best_step() -> None:
     L, T, N, M, D = 8, 3, 3, 3, 6
-    memory = EpisodicMemory(M, N, L, T, token_dim=D, seed=0, selection="max_reward")
+    memory = EpisodicMemory(M, N, L, T, token_dim=D, seed=0, past_windows="max_reward")
     best_steps = torch.tensor([[5, 1], [7, 6], [2, 3]])  # per env, for past episodes 0 and 1
     for episode in range(2):
         for step in range(L):

@@ -192,6 +192,7 @@ def test_ml45_splits_are_disjoint_classes() -> None:
         (dict(benchmark="ML5"), ["benchmark must be one of ['ML1', 'ML10', 'ML45']"]),
         (dict(benchmark="ML10", task_name="reach-v3"), ["task_name must be null for ML10"]),
         (dict(episode_length=501), ["episode_length must be <= 500"]),
+        (dict(hidden_observation_dims=[4, 39]), ["hidden_observation_dims must be indices in [0, 38]"]),
     ],
 )
 def test_bad_config_fails_fast_without_benchmark(monkeypatch, kwargs: dict, needles: list[str]) -> None:
@@ -229,3 +230,22 @@ def test_benchmark_built_once_per_process(monkeypatch) -> None:
     assert calls == [("ML1", "reach-v3", 0)]
     assert a.metaworld_benchmark() is b.metaworld_benchmark()
     env.close()
+
+
+def test_hidden_observation_dims_are_zero_for_the_policy() -> None:
+    """reach-v3's puck (obs 4:7 and its previous-frame copy 22:25) identifies each training goal."""
+    puck = [4, 5, 6, 22, 23, 24]
+    plain = MetaWorld("ML1", "reach-v3", episode_length=L, episodes_per_trial=K, seed=0)
+    hidden = MetaWorld("ML1", "reach-v3", episode_length=L, episodes_per_trial=K, seed=0, hidden_observation_dims=puck)
+    assert hidden.describe()["hidden_observation_dims"] == puck
+    torch.manual_seed(0)
+    rollouts = []
+    for benchmark in (plain, hidden):
+        env = benchmark.make_env("train", num_envs=M, seed=3)
+        rollouts.append(env.rollout(K * L, break_when_any_done=False, auto_cast_to_device=True))
+        env.close()
+    with_puck, without = (r["observation"] for r in rollouts)
+    assert with_puck[..., puck].abs().sum() > 0
+    assert (without[..., puck] == 0).all() and (rollouts[1]["token"][..., puck] == 0).all()
+    others = [d for d in range(39) if d not in puck]
+    assert (without[:, 0, others] == with_puck[:, 0, others]).all(), "only the hidden entries change"

@@ -87,6 +87,7 @@ class MetaWorldEnv(TrialEnv):
             (and before it enters the token).
         reward_function_version: Meta-World reward version passed to the env classes.
         max_pooled: most idle instances kept for reuse (default ``num_envs``).
+        hidden_observation_dims: observation entries replaced by 0 before the policy sees them.
         **trial_kwargs: forwarded to :class:`TrialEnv` (``num_envs``, ``episode_length`` (<= 500),
             ``episodes_per_trial``, ``seed``, ``cycle_tasks``, ``device``).
 
@@ -102,6 +103,7 @@ class MetaWorldEnv(TrialEnv):
         reward_scale: float = 1.0,
         reward_function_version: str = REWARD_FUNCTION_VERSION,
         max_pooled: int | None = None,
+        hidden_observation_dims: Sequence[int] = (),
         **trial_kwargs: Any,
     ) -> None:
         episode_length = trial_kwargs.get("episode_length", 1)
@@ -117,6 +119,7 @@ class MetaWorldEnv(TrialEnv):
         self.classes = dict(classes)
         self.reward_scale = float(reward_scale)
         self.reward_function_version = reward_function_version
+        self.hidden_observation_dims = list(hidden_observation_dims)
         self.task_class_names = [t.env_name for t in self.tasks]
         self._sim_seed = int(trial_kwargs.get("seed", 0))
         self.max_pooled = self.num_envs if max_pooled is None else max_pooled
@@ -176,6 +179,7 @@ class MetaWorldEnv(TrialEnv):
         slots = env_ids.tolist()
         for k, slot in enumerate(slots):
             buf[k] = self._slot_env[slot].reset()[0]
+        buf[:, self.hidden_observation_dims] = 0.0
         return torch.from_numpy(buf[: len(slots)].copy())
 
     def _step_sim(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,6 +191,7 @@ class MetaWorldEnv(TrialEnv):
             obs_buf[i] = obs
             reward_buf[i] = reward
             success_buf[i] = info["success"]  # python float 0.0/1.0 (False after a sim exception)
+        obs_buf[:, self.hidden_observation_dims] = 0.0
         return (
             torch.from_numpy(obs_buf.copy()),
             torch.from_numpy((reward_buf * self.reward_scale).astype(np.float32)),
@@ -221,6 +226,9 @@ class MetaWorld(TaskDistribution):
         seed: seed of the benchmark's goal sampling (fixes the task lists of both splits).
         reward_scale: factor on Meta-World's 0..10 per-step reward; the emitted reward and the
             token's reward are both scaled.
+        hidden_observation_dims: observation entries (0..38) replaced by 0 in every split, e.g.
+            ``[4, 5, 6, 22, 23, 24]`` hides reach-v3's puck, whose position is drawn with the goal
+            and so identifies each training goal (a shortcut to memorising them).
 
     The constructor only validates; the metaworld benchmark object is built on first use
     (:meth:`task_names`, :meth:`make_env`, ...) and cached per process.
@@ -237,8 +245,14 @@ class MetaWorld(TaskDistribution):
         episodes_per_trial: int = 10,
         seed: int = 0,
         reward_scale: float = 0.1,
+        hidden_observation_dims: list[int] | None = None,
     ) -> None:
         super().__init__(episode_length, episodes_per_trial)
+        hidden = list(hidden_observation_dims or [])
+        if any(isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < OBS_DIM for d in hidden):
+            raise ConfigError(
+                f"{_KEY}.hidden_observation_dims must be indices in [0, {OBS_DIM - 1}], got {hidden_observation_dims!r}"
+            )
         if benchmark not in BENCHMARKS:
             raise ConfigError(f"{_KEY}.benchmark must be one of {list(BENCHMARKS)}, got {benchmark!r}")
         if episode_length > MAX_PATH_LENGTH:
@@ -259,6 +273,7 @@ class MetaWorld(TaskDistribution):
         self.task_name = task_name
         self.seed = seed
         self.reward_scale = float(reward_scale)
+        self.hidden_observation_dims = hidden
 
     # ------------------------------------------------------------------ splits
     def metaworld_benchmark(self) -> Benchmark:
@@ -306,6 +321,7 @@ class MetaWorld(TaskDistribution):
             self.tasks(split),
             self.classes(split),
             reward_scale=self.reward_scale,
+            hidden_observation_dims=self.hidden_observation_dims,
             num_envs=num_envs,
             episode_length=self.episode_length,
             episodes_per_trial=self.episodes_per_trial,
@@ -321,6 +337,7 @@ class MetaWorld(TaskDistribution):
             task_name=self.task_name,
             benchmark_seed=self.seed,
             reward_scale=self.reward_scale,
+            hidden_observation_dims=self.hidden_observation_dims,
             reward_function_version=REWARD_FUNCTION_VERSION,
             metaworld_version=importlib.metadata.version("metaworld"),
             mujoco_version=importlib.metadata.version("mujoco"),

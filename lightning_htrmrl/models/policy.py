@@ -25,17 +25,17 @@ class EpisodicContext(TensorDictModuleBase):
         encoder: the context encoder.
         episode_length: ``L``.
         seed: seeds window sampling.
-        window_selection: how past-episode windows are chosen (see :class:`EpisodicMemory`).
+        past_windows: how past-episode windows are chosen (see :class:`EpisodicMemory`).
     """
 
     in_keys = ["token", "observation", "episode_idx", "step_in_episode"]
     out_keys = ["features", "window_starts"]
 
     def __init__(
-        self, encoder: ContextEncoder, episode_length: int, seed: int = 0, window_selection: WindowSelection = "uniform"
+        self, encoder: ContextEncoder, episode_length: int, seed: int = 0, past_windows: WindowSelection = "uniform"
     ) -> None:
         super().__init__()
-        self.window_selection = window_selection
+        self.past_windows = past_windows
         self.encoder = encoder
         self.episode_length = episode_length
         self.seed = seed
@@ -52,7 +52,7 @@ class EpisodicContext(TensorDictModuleBase):
             token.shape[-1],
             seed=self.seed,
             device=token.device,
-            selection=self.window_selection,
+            past_windows=self.past_windows,
         )
         num_past = self.encoder.num_episodes - 1
         empty = token.new_zeros(num_envs, num_past, self.encoder.window, token.shape[-1])
@@ -111,10 +111,10 @@ def make_policy(
     actor: ProbabilisticActor,
     episode_length: int,
     seed: int = 0,
-    window_selection: WindowSelection = "uniform",
+    past_windows: WindowSelection = "uniform",
 ) -> TensorDictSequential:
     """Memory, encoder and actor as one TorchRL policy for collectors and rollouts."""
-    modules = [EpisodicContext(encoder, episode_length, seed, window_selection), actor]
+    modules = [EpisodicContext(encoder, episode_length, seed, past_windows), actor]
     if issubclass(actor[-1].distribution_class, TanhNormal):
         modules.append(ActionLogProb(actor))
     return TensorDictSequential(*modules)
