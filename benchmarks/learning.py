@@ -27,12 +27,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +76,12 @@ def fit_command(benchmark: str, variant_args: list[str], seed: int, budget: dict
     command += ["--seed_everything", str(seed), "--data.seed", str(seed), "--trainer.enable_progress_bar", "false"]
     if budget["minutes"] is not None:
         total = int(round(budget["minutes"] * 60))
-        command += ["--trainer.max_epochs", "-1", "--trainer.max_time", f"00:{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"]
+        command += [
+            "--trainer.max_epochs",
+            "-1",
+            "--trainer.max_time",
+            f"00:{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}",
+        ]
     return command + extra
 
 
@@ -140,9 +147,7 @@ def read_curve(run: Path) -> dict:
     last = train_rows[-3:]
     meta_train = {
         "success": float(np.mean([value(r, "meta_train/success") for r in last])) if last else None,
-        "success_per_episode": [
-            float(np.mean([value(r, f"meta_train/success_ep{k}") for r in last])) for k in episodes
-        ]
+        "success_per_episode": [float(np.mean([value(r, f"meta_train/success_ep{k}") for r in last])) for k in episodes]
         if last
         else None,
     }
@@ -155,15 +160,34 @@ def read_curve(run: Path) -> dict:
     }
 
 
+def run_in_own_group(command: list[str], cwd: Path, log) -> int:
+    """Run a training in its own process group; if this script is stopped (Ctrl-C, SIGTERM), the
+    training and its collector processes are stopped too (SIGINT, then SIGKILL after 30 s)."""
+    process = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+
 def run_one(name: str, command: list[str], config: dict, seed: int, work: Path, result_file: Path) -> dict:
     """Train one (variant, seed) and write its result file."""
     work.mkdir(parents=True, exist_ok=True)
     log = work / "fit.log"
     print(f"[learning] {name} seed {seed}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
     with log.open("w") as handle:
-        completed = subprocess.run(command, cwd=work, stdout=handle, stderr=subprocess.STDOUT)
-    if completed.returncode != 0:
-        raise SystemExit(f"error: {name} seed {seed} failed (exit {completed.returncode}); see {log}")
+        returncode = run_in_own_group(command, work, handle)
+    if returncode != 0:
+        raise SystemExit(f"error: {name} seed {seed} failed (exit {returncode}); see {log}")
     runs = sorted((work / "runs").glob("*/version_*"), key=lambda p: p.stat().st_mtime)
     curve = read_curve(runs[-1])
     if not curve["evaluations"]:
@@ -229,7 +253,10 @@ def summarize(name: str, results: list[dict], budget: dict, target: float) -> tu
         f"frames_to_{target}": reach["frames"],
         "eval_share": float(
             np.mean(
-                [sum(e["eval_s"] or 0.0 for e in r["evaluations"]) / 60.0 / max(r["elapsed_min"], 1e-9) for r in results]
+                [
+                    sum(e["eval_s"] or 0.0 for e in r["evaluations"]) / 60.0 / max(r["elapsed_min"], 1e-9)
+                    for r in results
+                ]
             )
         ),
     }
@@ -283,7 +310,14 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.8, help="held-out success for minutes_to_<target>")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/...)")
     parser.add_argument("--work", type=Path, default=REPO / "runs_learning", help="where run folders go")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="CLI options for every run, e.g. data.num_envs=8")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="CLI options for every run, e.g. data.num_envs=8",
+    )
     parser.add_argument("--keep-runs", action="store_true", help="keep run folders (checkpoints) after a run")
     parser.add_argument(
         "--summarize-only", action="store_true", help="train nothing: summarise the seeds that have result files"

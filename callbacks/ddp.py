@@ -23,8 +23,9 @@ class DDPScaling(Callback):
     """Share the meta-batch across processes and monitor that they stay in sync.
 
     Logs ``ddp/weight_spread`` (largest difference of any parameter or buffer, e.g. the input
-    normalisation statistics, between processes after an epoch: 0 when in sync) and ``ddp/identical_task_fraction`` (fraction of trial slots of the first
-    batch that got the same task on every process: about ``1 / num_tasks`` with distinct seeds).
+    normalisation statistics, between processes after an epoch: 0 when in sync) and
+    ``ddp/identical_task_fraction`` (fraction of trial slots of the first batch that got the same
+    task on every process: about ``1 / num_tasks`` with distinct seeds).
 
     Args:
         split_meta_batch: divide ``data.num_envs`` (the trials of one batch) by the number of

@@ -2,9 +2,10 @@
 
 The policy conditions on ``N`` episodes: the ``N - 1`` previous episodes of the trial (one length-``T``
 window each, chosen once when an episode begins: with a uniformly drawn start, or ending at the
-episode's highest-reward step) and the current episode (its last ``T`` tokens). The same window arithmetic serves collection (a ring
-buffer of episodes, :class:`EpisodicMemory`) and training (whole trials in a batch,
-:func:`episode_records`), so both paths see identical inputs by construction.
+episode's highest-reward step) and the current episode (its last ``T`` tokens). The same window
+arithmetic serves collection (a ring buffer of episodes, :class:`EpisodicMemory`) and training
+(whole trials in a batch, :func:`episode_records`), so both paths see identical inputs by
+construction.
 """
 
 from __future__ import annotations

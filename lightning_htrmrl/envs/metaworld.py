@@ -228,7 +228,8 @@ class MetaWorld(TaskDistribution):
             token's reward are both scaled.
         hidden_observation_dims: observation entries (0..38) replaced by 0 in every split, e.g.
             ``[4, 5, 6, 22, 23, 24]`` hides reach-v3's puck, whose position is drawn with the goal
-            and so identifies each training goal (a shortcut to memorising them).
+            and so identifies each training goal (a shortcut to memorising them; hidden in
+            ``conf/benchmark/ml1_reach.yaml``).
 
     The constructor only validates; the metaworld benchmark object is built on first use
     (:meth:`task_names`, :meth:`make_env`, ...) and cached per process.

@@ -23,7 +23,6 @@ from torch import nn
 
 from lightning_htrmrl.envs.base import ConfigError, require_positive
 from lightning_htrmrl.memory import current_windows
-from lightning_htrmrl.models.normalization import InputNormalizer
 from lightning_htrmrl.models.layers import (
     SequenceEncoder,
     SinusoidalPositionalEncoding,
@@ -31,6 +30,7 @@ from lightning_htrmrl.models.layers import (
     make_transformer,
     run_transformer,
 )
+from lightning_htrmrl.models.normalization import InputNormalizer
 
 
 class ContextEncoder(nn.Module, abc.ABC):
