@@ -52,7 +52,9 @@ class InputNormalizer(nn.Module):
     entries, so both share them). Until the first :meth:`update` it is the identity. The float32
     ``shift``, ``scale`` and ``clip`` buffers used by :meth:`forward` change only in :meth:`update`,
     which the trainer calls between PPO iterations: collection and the update of a batch see the same
-    normalisation. Features that never vary (e.g. Meta-World's hidden goal) map to 0.
+    normalisation. (TorchRL's ``VecNorm`` / ``ObservationNorm`` transforms update inside the env at
+    every step, so a recomputed log-prob would not match the collected one.) Features that never
+    vary (e.g. Meta-World's hidden goal) map to 0.
 
     Args:
         token_dim: ``D``.
