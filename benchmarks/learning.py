@@ -47,6 +47,8 @@ CONF = REPO / "conf"
 MODEL_VARIANTS = ("htrmrl", "trmrl", "mlp")
 # Keys of a resolved config that may differ between runs of the same variant and seed.
 RUN_SPECIFIC_KEYS = ("config", "ckpt_path")
+# Where a run writes its files: no part of what is learned.
+OUTPUT_KEYS = ("logger", "default_root_dir")
 
 
 def parse_variant(spec: str) -> tuple[str, list[str]]:
@@ -92,6 +94,12 @@ def resolved_config(command: list[str], cwd: Path) -> dict:
     for key in RUN_SPECIFIC_KEYS:
         config.pop(key, None)
     return config
+
+
+def without_output_keys(config: dict) -> dict:
+    """The config without where the run writes its files (``trainer.logger``, ``default_root_dir``)."""
+    trainer = {key: value for key, value in config.get("trainer", {}).items() if key not in OUTPUT_KEYS}
+    return {**config, "trainer": trainer}
 
 
 def same_config(stored: dict, current: dict) -> bool:
@@ -349,7 +357,7 @@ def main() -> None:
                 continue
             if result_file.is_file():
                 result = json.loads(result_file.read_text())
-                if not same_config(result["config"], config):
+                if not same_config(without_output_keys(result["config"]), without_output_keys(config)):
                     raise SystemExit(
                         f"error: {result_file} was made with another config for {name!r}; pass another --out"
                     )

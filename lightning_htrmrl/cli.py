@@ -14,14 +14,23 @@ from argparse import ArgumentError
 from importlib import resources
 from pathlib import Path
 
-import torch
+import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_htrmrl.callbacks import DDPScaling, MetaTestEvaluation
 from lightning_htrmrl.data import MetaRLDataModule
 from lightning_htrmrl.envs.base import ConfigError
-from lightning_htrmrl.module import CHECKPOINT_KEY, MetaPPO
+from lightning_htrmrl.module import MetaPPO, NonFiniteError
+from lightning_htrmrl.runs import (
+    CHECKPOINT_ALIASES,
+    check_checkpoint,
+    find_checkpoint,
+    place_run_files,
+    runs_folder,
+    share_run_directory,
+)
 
 DEFAULT_CONFIGS = ("base.yaml", "benchmark/ml1_reach.yaml", "model/htrmrl.yaml")
 LINKED_KEYS = ("obs_dim", "action_dim", "episode_length", "episodes_per_trial")
@@ -40,46 +49,6 @@ def default_config_files() -> list[str]:
     """Paths of the packaged default config files, in merge order."""
     root = resources.files("lightning_htrmrl.conf")
     return [str(root.joinpath(name)) for name in DEFAULT_CONFIGS]
-
-
-def share_run_directory(loggers: object) -> None:
-    """Give file loggers that share ``save_dir`` and ``name`` one new ``version_N`` directory.
-
-    TensorBoard and CSV loggers would otherwise each pick their own next version; this keeps the
-    events, ``metrics.csv``, ``config.yaml`` and checkpoints of a run in one folder. Existing
-    version folders are never reused (a saved ``config.yaml`` names its run's version: running it
-    again gets a new one).
-    """
-    if not isinstance(loggers, list):
-        return
-    args = [getattr(logger, "init_args", None) for logger in loggers]
-    if not args or any(a is None or "save_dir" not in a for a in args):
-        return
-    if len({(str(a.save_dir), str(a.get("name", "lightning_logs"))) for a in args}) != 1:
-        return
-    root = Path(args[0].save_dir) / str(args[0].get("name", "lightning_logs"))
-    versions = {a.get("version") for a in args}
-    if len(versions) == 1 and None not in versions and not (root / str(versions.pop())).exists():
-        return  # one explicit, unused version (e.g. a re-used config.yaml of a fresh run)
-    taken = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
-    version = f"version_{max(taken, default=-1) + 1}"
-    for a in args:
-        a.version = version
-
-
-def check_checkpoint(path: str) -> None:
-    """Fail early, in one line, on a missing, unreadable or foreign checkpoint."""
-    if path in ("last", "best", "hpc", "registry"):
-        return
-    if not Path(path).is_file():
-        raise ConfigError(f"ckpt_path: no such file: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:  # noqa: BLE001 (any failure means the file is unusable)
-        reason = str(error).split(". ")[0]
-        raise ConfigError(f"ckpt_path: cannot read {path} (truncated or not a PyTorch checkpoint: {reason})") from None
-    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
-        raise ConfigError(f"ckpt_path: {path} was not written by lightning_htrmrl (no '{CHECKPOINT_KEY}' entry)")
 
 
 class ConfigInCheckpoint(SaveConfigCallback):
@@ -101,20 +70,51 @@ class HTrMRLCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyper-parameters here, before any class is built:
-        # check the file first so a bad one gives one clear line.
+        # resolve `last` / `best` to a file of this run name and check it, so that a bad or missing
+        # one gives one clear line instead of a silent fresh start.
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path:
-            check_checkpoint(ckpt_path)
+        if subcommand:
+            config = self.config[subcommand]
+            place_run_files(config.trainer)
+            ckpt_path = config.get("ckpt_path")
+            if ckpt_path in CHECKPOINT_ALIASES:
+                config.ckpt_path = str(find_checkpoint(ckpt_path, runs_folder(config.trainer)))
+                print(f"ckpt_path {ckpt_path}: {config.ckpt_path}", file=sys.stderr)
+            if config.ckpt_path and config.ckpt_path not in ("hpc", "registry"):
+                check_checkpoint(config.ckpt_path)
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        place_run_files(config.trainer)
         share_run_directory(config.trainer.logger)
         optimizer = config.model.optimizer
         lr = getattr(getattr(optimizer, "init_args", None), "lr", None)
         if lr is not None and not lr > 0:
             raise ConfigError(f"model.optimizer.init_args.lr must be > 0, got {lr}")
+
+
+def config_file_arguments(args: list[str]) -> list[str]:
+    """The files given with ``--config``/``-c`` (either ``--config F`` or ``--config=F``)."""
+    files = [value for flag, value in zip(args, args[1:]) if flag in ("-c", "--config")]
+    return files + [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+
+
+def check_config_files(args: list[str]) -> None:
+    """Fail in one line naming the file when a ``--config`` file is missing, unreadable or not YAML."""
+    for name in config_file_arguments(args):
+        path = Path(name)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"--config {name}: cannot read it ({error.strerror or error})") from None
+        try:
+            yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError(f"--config {name}: not valid YAML{where}: {problem}") from None
 
 
 def with_default_configs(args: list[str]) -> list[str]:
@@ -128,13 +128,20 @@ def with_default_configs(args: list[str]) -> list[str]:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the CLI; bad configuration ends with one ``error:`` line and exit code 2."""
+    """Run the CLI.
+
+    Bad configuration ends with one ``error:`` line and exit code 2, before anything is built;
+    non-finite training with one ``error:`` line and exit code 1; SIGTERM (after the current
+    batch, Lightning's signal handling) with one line and exit code 143. Ctrl-C is Lightning's
+    graceful shutdown (exit code 1). Collector processes are stopped in every case.
+    """
     if args is None:
         sys.argv[1:] = with_default_configs(sys.argv[1:])
     else:
         args = with_default_configs(list(args))
     parser_kwargs = {"parser_mode": "omegaconf", "exit_on_error": False}
     try:
+        check_config_files(sys.argv[1:] if args is None else args)
         HTrMRLCLI(
             MetaPPO,
             MetaRLDataModule,
@@ -152,6 +159,12 @@ def main(args: list[str] | None = None) -> None:
         print(f"error: {message}", file=sys.stderr)
         print("tip: `htrmrl fit --help` lists every option", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except SIGTERMException:
+        print("error: stopped by SIGTERM; resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(143)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,17 @@ def _identity(batch: TensorDictBase) -> TensorDictBase:
     return batch
 
 
-def make_train_env(benchmark: TaskDistribution, num_envs: int, seed: int, start_trial: int) -> TrialEnv:
-    """Train-split env whose slots continue their task sequences at trial ``start_trial``."""
+def make_train_env(
+    benchmark: TaskDistribution, num_envs: int, seed: int, start_trial: int, torch_seed: int | None = None
+) -> TrialEnv:
+    """Train-split env whose slots continue their task sequences at trial ``start_trial``.
+
+    ``torch_seed`` (given in a collector process) seeds that process's torch generator, which
+    samples the actions: every process starts with torch's one fixed default seed, so without it
+    all collector processes would draw the same exploration noise.
+    """
+    if torch_seed is not None:
+        torch.manual_seed(torch_seed)
     env = benchmark.make_env("train", num_envs, seed=seed)
     env.start_at_trial(start_trial)
     return env
@@ -139,14 +148,17 @@ class MetaRLDataModule(LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         return int(np.random.SeedSequence([self.seed, rank, worker]).generate_state(1)[0])
 
-    def env_factory(self, worker: int = 0) -> partial:
+    def env_factory(self, worker: int = 0, in_own_process: bool = False) -> partial:
         """A picklable function that builds collector process ``worker``'s envs (own seed).
 
         Every batch holds exactly ``trials_per_env`` trials per slot, so after ``n`` batches each
         slot's task sequence continues at trial ``n * trials_per_env`` (restored on resume).
         """
         start = self.batches_collected * self.trials_per_env
-        return partial(make_train_env, self.benchmark, self.num_envs, self.process_seed(worker), start)
+        seed = self.process_seed(worker)
+        # Action noise of a collector process: a fresh stream after a resume (seeded by the batch count).
+        torch_seed = seed + self.batches_collected if in_own_process else None
+        return partial(make_train_env, self.benchmark, self.num_envs, seed, start, torch_seed)
 
     def _count_batch(self) -> None:
         self.batches_collected += 1
@@ -176,7 +188,7 @@ class MetaRLDataModule(LightningDataModule):
         )
         if self.num_collectors == 1:
             return Collector(self.env_factory()(), policy, **common)
-        env_fns = [self.env_factory(worker) for worker in range(self.num_collectors)]
+        env_fns = [self.env_factory(worker, in_own_process=True) for worker in range(self.num_collectors)]
         return Collector(
             env_fns,
             policy,
@@ -214,3 +226,7 @@ class MetaRLDataModule(LightningDataModule):
         if self.collector is not None:
             shutdown_collector(self.collector)
             self.collector = None
+
+    def on_exception(self, exception: BaseException) -> None:
+        """Ctrl-C, SIGTERM or an error: stop the collector processes (Lightning skips ``teardown``)."""
+        self.teardown("fit")

@@ -33,9 +33,9 @@ from lightning_htrmrl.memory import WINDOW_SELECTIONS, WindowSelection, episode_
 from lightning_htrmrl.models import ContextEncoder, HierarchicalEncoder, make_actor, make_critic, make_policy
 from lightning_htrmrl.models.heads import Distribution
 from lightning_htrmrl.models.normalization import RunningMeanStd
+from lightning_htrmrl.runs import CHECKPOINT_KEY
 
 EncoderFactory = Callable[[int, int], ContextEncoder]
-CHECKPOINT_KEY = "htrmrl"
 VERSIONED_PACKAGES = (
     "lightning-htrmrl",
     "torch",
@@ -61,6 +61,10 @@ def library_versions() -> dict[str, str | None]:
 
 LOSS_KEYS = ("loss_objective", "loss_critic", "loss_entropy")
 DIAGNOSTIC_KEYS = ("entropy", "clip_fraction", "kl_approx", "explained_variance", "ESS")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or the weights became NaN or infinite: training stops before anything is saved."""
 
 
 def discounted_returns(reward: torch.Tensor, done: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -302,6 +306,27 @@ class MetaPPO(LightningModule):
                         sums[key] += losses[key].detach().float().mean()
         return {f"train/{key}": value / updates for key, value in sums.items()}
 
+    def check_finite(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Raise :class:`NonFiniteError` if a loss of this update or any weight is not finite.
+
+        Raised inside the training step, it stops the run before the epoch's checkpoint, so the
+        last ``last.ckpt`` keeps the last finite weights. Every DDP process raises at the same
+        step: gradients are averaged, so non-finite weights are the same everywhere.
+        """
+        where = f"step {self.global_step} (frame {int(self.frames)})"
+        for key, value in metrics.items():
+            if key.startswith("train/loss") and not torch.isfinite(value):
+                raise NonFiniteError(
+                    f"{where}: {key} is {value.item()}; training stopped, the last checkpoint keeps the last "
+                    "finite weights (a smaller model.optimizer.init_args.lr or model.max_grad_norm may help)"
+                )
+        if not torch.isfinite(torch.nn.utils.get_total_norm(self.parameters())):
+            names = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
+            raise NonFiniteError(
+                f"{where}: weights are not finite ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); "
+                "training stopped, the last checkpoint keeps the last finite weights"
+            )
+
     def update_input_norm(self, batch: TensorDictBase) -> None:
         """Merge the batch's tokens (every process's) into the encoder's input statistics."""
         gather = self.all_gather if self._world_size > 1 else None
@@ -314,6 +339,7 @@ class MetaPPO(LightningModule):
             self.update_input_norm(batch)  # collected without statistics: it only initialises them
         else:
             metrics.update(self.ppo_update(batch))
+            self.check_finite(metrics)
             if self.hparams.normalize_inputs:
                 self.update_input_norm(batch)
         metrics.update(self.trial_metrics(batch, "meta_train"))

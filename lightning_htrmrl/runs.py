@@ -1,11 +1,111 @@
-"""Where a run's files go."""
+"""Run folders and checkpoints: where a run's files go, and which checkpoint a path names.
+
+A run's files (TensorBoard events, ``metrics.csv``, ``config.yaml``, checkpoints, plots,
+``meta_test.json``) share one folder, ``<save_dir>/<name>/version_N`` of its file loggers:
+``runs/htrmrl/version_N`` by default, ``<D>/htrmrl/version_N`` with ``trainer.default_root_dir D``.
+Every run gets a new ``version_N``: nothing a previous run wrote is reused or overwritten.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_htrmrl.envs.base import ConfigError
+
+DEFAULT_ROOT_DIR = "runs"
+CHECKPOINT_KEY = "htrmrl"  # the entry of a checkpoint that lightning_htrmrl writes
+CHECKPOINT_ALIASES = {"last": "last.ckpt", "best": "best-*.ckpt"}  # resolved here, not by Lightning
+
+
+def _file_logger_args(loggers: object) -> list:
+    """``init_args`` of the configured loggers that write files (those with a ``save_dir``)."""
+    if not isinstance(loggers, list):
+        return []
+    args = [getattr(logger, "init_args", None) for logger in loggers]
+    return [a for a in args if a is not None and "save_dir" in a]
+
+
+def place_run_files(trainer_config) -> None:
+    """Move file loggers at the default ``save_dir`` (``runs``) to ``trainer.default_root_dir``, if set.
+
+    ``trainer_config`` is the parsed ``trainer`` namespace, edited in place. A logger given another
+    ``save_dir`` keeps it (an explicit choice); without ``default_root_dir``, ``runs`` is the root,
+    and ``default_root_dir`` is set to it (Lightning's own default would be the current folder).
+    """
+    root = trainer_config.get("default_root_dir")
+    if root is None:
+        trainer_config.default_root_dir = DEFAULT_ROOT_DIR
+        return
+    for args in _file_logger_args(trainer_config.get("logger")):
+        if str(args.save_dir) == DEFAULT_ROOT_DIR:
+            args.save_dir = root
+
+
+def runs_folder(trainer_config) -> Path:
+    """``<save_dir>/<name>`` of the first file logger: where this run name's ``version_N`` live."""
+    args = _file_logger_args(trainer_config.get("logger"))
+    if not args:
+        return Path(trainer_config.default_root_dir)
+    return Path(args[0].save_dir) / str(args[0].get("name", "lightning_logs"))
+
+
+def share_run_directory(loggers: object) -> None:
+    """Give file loggers that share ``save_dir`` and ``name`` one new ``version_N`` directory.
+
+    TensorBoard and CSV loggers would otherwise each pick their own next version; this keeps the
+    events, ``metrics.csv``, ``config.yaml`` and checkpoints of a run in one folder. Existing
+    version folders are never reused (a saved ``config.yaml`` names its run's version: running it
+    again gets a new one).
+    """
+    args = _file_logger_args(loggers)
+    if not args or len(args) != len(loggers):
+        return
+    if len({(str(a.save_dir), str(a.get("name", "lightning_logs"))) for a in args}) != 1:
+        return
+    root = Path(args[0].save_dir) / str(args[0].get("name", "lightning_logs"))
+    versions = {a.get("version") for a in args}
+    if len(versions) == 1 and None not in versions and not (root / str(versions.pop())).exists():
+        return  # one explicit, unused version (e.g. a re-used config.yaml of a fresh run)
+    version = f"version_{max(_version_numbers(root), default=-1) + 1}"
+    for a in args:
+        a.version = version
+
+
+def _version_numbers(root: Path) -> list[int]:
+    return [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
+
+
+def find_checkpoint(alias: str, runs: Path) -> Path:
+    """The newest ``last.ckpt`` (``alias="last"``) or ``best-*.ckpt`` (``"best"``) of ``runs/version_*``.
+
+    Every run gets a new ``version_N``, so Lightning's own ``"last"`` (which looks in the new,
+    empty folder) would silently start from scratch; this looks across the run name's folders.
+    """
+    pattern = CHECKPOINT_ALIASES[alias]
+    found = [path for path in runs.glob(f"version_*/checkpoints/{pattern}") if path.is_file()]
+    if not found:
+        raise ConfigError(
+            f"ckpt_path {alias}: no {pattern} under {runs}/version_*/checkpoints; "
+            "drop --ckpt_path to start a new run, or give a checkpoint file"
+        )
+    return max(found, key=lambda path: path.stat().st_mtime_ns)
+
+
+def check_checkpoint(path: str) -> None:
+    """Fail early, in one line, on a missing, unreadable or foreign checkpoint."""
+    if not Path(path).is_file():
+        raise ConfigError(f"ckpt_path: no such file: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # noqa: BLE001 (any failure means the file is unusable)
+        reason = str(error).split(". ")[0]
+        raise ConfigError(f"ckpt_path: cannot read {path} (truncated or not a PyTorch checkpoint: {reason})") from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise ConfigError(f"ckpt_path: {path} was not written by lightning_htrmrl (no '{CHECKPOINT_KEY}' entry)")
 
 
 def run_directory(trainer: Trainer) -> Path:

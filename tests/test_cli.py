@@ -121,6 +121,11 @@ BAD_INPUTS = {  # name: (extra arguments, the key the error line must name)
         "data.benchmark",
     ),
     "benchmark_not_a_task_distribution": (["--data.benchmark.class_path", "torch.nn.Linear"], "data.benchmark"),
+    "config_not_yaml": (["--config", str(REPO / "tests" / "data" / "not_yaml.yaml")], "not_yaml.yaml"),
+    "config_missing": (["--config", str(REPO / "tests" / "data" / "missing.yaml")], "missing.yaml"),
+    "config_is_a_folder": (["--config", str(REPO / "tests" / "data")], "tests/data"),
+    "ckpt_path_last_nothing_to_resume": (["--ckpt_path", "last"], "ckpt_path last"),
+    "ckpt_path_best_nothing_to_evaluate": (["--ckpt_path", "best"], "ckpt_path best"),
 }
 
 
