@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 import matplotlib
 
@@ -18,7 +19,11 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from lightning_htrmrl.envs.base import ConfigError, Split, check_split  # noqa: E402
 from lightning_htrmrl.envs.trial import TrialEnv  # noqa: E402
+from lightning_htrmrl.metaworld_protocol import MetaWorldProtocol, check_metaworld_benchmark  # noqa: E402
+from lightning_htrmrl.metaworld_protocol import evaluate as metaworld_evaluate  # noqa: E402
 from lightning_htrmrl.runs import run_directory  # noqa: E402
+
+Protocol = Literal["trials", "metaworld"]
 
 
 def confidence_half_width(values: torch.Tensor) -> torch.Tensor:
@@ -56,6 +61,12 @@ class MetaTestEvaluation(Callback):
         deterministic: act with the distribution's mean instead of sampling (default: sample, as
             exploration in early episodes is part of in-context adaptation).
         seed: seeds the evaluation envs and memory; the same tasks are used at every evaluation.
+        protocol: ``trials`` (ours: the trials above, success per episode index of the trial) or
+            ``metaworld`` (Meta-World's own ``metalearning_evaluation`` on its official test envs,
+            settings in ``metaworld``; see :mod:`lightning_htrmrl.metaworld_protocol`): the
+            number to put next to published Meta-World results. Logs ``success``, ``return`` and
+            ``success_ci95`` (over rounds) under the same prefix; ``split`` must be ``test``.
+        metaworld: settings of the ``metaworld`` protocol (default: Meta-World's own, 50 sub-envs).
     """
 
     def __init__(
@@ -66,6 +77,8 @@ class MetaTestEvaluation(Callback):
         split: Split = "test",
         deterministic: bool = False,
         seed: int = 12345,
+        protocol: Protocol = "trials",
+        metaworld: MetaWorldProtocol | None = None,
     ) -> None:
         if every_n_epochs < 1:
             raise ConfigError(f"MetaTestEvaluation.every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -73,6 +86,12 @@ class MetaTestEvaluation(Callback):
             if value is not None and value < 1:
                 raise ConfigError(f"meta_test.{key} must be >= 1 or null, got {value}")
         check_split(split)
+        if protocol not in ("trials", "metaworld"):
+            raise ConfigError(f"meta_test.protocol must be 'trials' or 'metaworld', got {protocol!r}")
+        if protocol == "metaworld" and split != "test":
+            raise ConfigError(f"meta_test.protocol metaworld needs meta_test.split test, got {split!r}")
+        self.protocol = protocol
+        self.metaworld = metaworld or MetaWorldProtocol()
         self.every_n_epochs = every_n_epochs
         self.num_trials = num_trials
         self.num_envs = num_envs
@@ -83,6 +102,7 @@ class MetaTestEvaluation(Callback):
         self._env: TrialEnv | None = None
         self.last_results: dict[str, float] = {}
         self._per_task: dict[str, dict] = {}
+        self._official: dict = {}  # the latest Meta-World protocol results
 
     def _trials(self, trainer: Trainer) -> int:
         return self.num_trials or len(trainer.datamodule.benchmark.task_names(self.split))
@@ -130,6 +150,15 @@ class MetaTestEvaluation(Callback):
         metrics[f"{self.prefix}/success_ci95"] = confidence_half_width(trial_success.float())
         return metrics
 
+    def evaluate_metaworld(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
+        """Meta-World's ``metalearning_evaluation`` (every process runs all of it: it is not split)."""
+        benchmark = trainer.datamodule.benchmark
+        check_metaworld_benchmark(type(benchmark).__name__)
+        self._official = metaworld_evaluate(pl_module, benchmark, self.metaworld, self.deterministic, self.seed)
+        return {
+            f"{self.prefix}/{key}": torch.tensor(self._official[key]) for key in ("success", "success_ci95", "return")
+        }
+
     def _task_table(self, trainer: Trainer, task_ids: torch.Tensor, success: torch.Tensor) -> dict[str, dict]:
         """Mean success over the episodes of each task's trials, by task and (Meta-World) by class."""
         benchmark = trainer.datamodule.benchmark
@@ -165,7 +194,8 @@ class MetaTestEvaluation(Callback):
 
     def _run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         start = time.perf_counter()
-        metrics = self.evaluate(trainer, pl_module)
+        evaluate = self.evaluate_metaworld if self.protocol == "metaworld" else self.evaluate
+        metrics = evaluate(trainer, pl_module)
         metrics["time/eval_s"] = torch.tensor(time.perf_counter() - start)
         metrics["time/elapsed_min"] = torch.tensor(pl_module.elapsed_minutes())
         self.last_results = {key: float(value) for key, value in metrics.items()}
@@ -179,9 +209,19 @@ class MetaTestEvaluation(Callback):
 
     def results(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         """The content of ``meta_test.json`` for the latest evaluation."""
+        run = {
+            "frames": int(pl_module.frames),
+            "elapsed_min": self.last_results["time/elapsed_min"],
+            "epoch": trainer.current_epoch,
+            "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            "benchmark": trainer.datamodule.benchmark.describe(),
+        }
+        if self.protocol == "metaworld":
+            return {"split": self.split, **self._official, **run}
         k = trainer.datamodule.episodes_per_trial
         prefix = self.prefix
         return {
+            "protocol": "trials",
             "split": self.split,
             "success": self.last_results[f"{prefix}/success"],
             "return": self.last_results[f"{prefix}/return"],
@@ -191,11 +231,7 @@ class MetaTestEvaluation(Callback):
             **self._per_task,
             "num_trials": self._trials(trainer),
             "deterministic": self.deterministic,
-            "frames": int(pl_module.frames),
-            "elapsed_min": self.last_results["time/elapsed_min"],
-            "epoch": trainer.current_epoch,
-            "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
-            "benchmark": trainer.datamodule.benchmark.describe(),
+            **run,
         }
 
     def _write_outputs(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -203,6 +239,8 @@ class MetaTestEvaluation(Callback):
         directory.mkdir(parents=True, exist_ok=True)
         results = self.results(trainer, pl_module)
         (directory / f"{self.prefix}.json").write_text(json.dumps(results, indent=2))
+        if self.protocol == "metaworld":
+            return  # no per-episode curve: Meta-World's evaluator reports success over its evaluation episodes
         episodes = range(1, len(results["success_per_episode"]) + 1)
         train_curves = {
             metric: [trainer.callback_metrics.get(f"meta_train/{metric}_ep{e}") for e in episodes]

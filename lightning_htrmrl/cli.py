@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_htrmrl.callbacks import DDPScaling, MetaTestEvaluation
 from lightning_htrmrl.data import MetaRLDataModule
 from lightning_htrmrl.envs.base import ConfigError
+from lightning_htrmrl.metaworld_protocol import check_metaworld_benchmark
 from lightning_htrmrl.module import MetaPPO, NonFiniteError
 from lightning_htrmrl.runs import (
     CHECKPOINT_ALIASES,
@@ -80,8 +81,13 @@ class HTrMRLCLI(LightningCLI):
             if ckpt_path in CHECKPOINT_ALIASES:
                 config.ckpt_path = str(find_checkpoint(ckpt_path, runs_folder(config.trainer)))
                 print(f"ckpt_path {ckpt_path}: {config.ckpt_path}", file=sys.stderr)
+            trained = None
             if config.ckpt_path and config.ckpt_path not in ("hpc", "registry"):
-                check_checkpoint(config.ckpt_path)
+                trained = check_checkpoint(config.ckpt_path).get("benchmark")
+            if config.meta_test.protocol == "metaworld":
+                benchmark = config.data.benchmark
+                facts = {key: benchmark.init_args.get(key) for key in ("benchmark", "task_name")}
+                check_metaworld_benchmark(benchmark.class_path.rsplit(".", 1)[-1], trained or None, facts)
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:

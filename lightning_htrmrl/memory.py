@@ -73,19 +73,25 @@ WindowSelection = Literal["uniform", "max_reward"]
 WINDOW_SELECTIONS = ("uniform", "max_reward")
 
 
-def max_reward_window_starts(rewards: torch.Tensor, window: int) -> torch.Tensor:
+def max_reward_window_starts(rewards: torch.Tensor, window: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Starts of the windows that end at each episode's highest-reward step.
 
     Args:
         rewards: ``[*B, L]`` the reward entry of each stored token (token ``t`` holds ``r_{t-1}``;
             the first token of an episode holds the previous episode's last reward and is skipped).
         window: ``T``.
+        lengths: ``[*B]`` steps stored of each episode (default: all ``L``); later steps are ignored.
 
     Returns:
-        ``[*B]`` starts in ``[0, L - T]`` (the first highest step on ties).
+        ``[*B]`` starts in ``[0, max(length - T, 0)]`` (the first highest step on ties).
     """
+    episode_length = rewards.shape[-1]
+    if lengths is not None:
+        beyond = torch.arange(episode_length, device=rewards.device) >= lengths.unsqueeze(-1)
+        rewards = rewards.masked_fill(beyond, float("-inf"))
     best = rewards[..., 1:].argmax(-1) + 1
-    return (best - window + 1).clamp(0, rewards.shape[-1] - window)
+    last_start = episode_length - window if lengths is None else (lengths - window).clamp_min(0)
+    return (best - window + 1).clamp_min(0).clamp_max(last_start)
 
 
 def sample_window_starts(
@@ -99,7 +105,10 @@ class EpisodicMemory:
     """Per-env ring buffer (a TensorDict ``[M, N, L]``) of the tokens of the ``N`` latest episodes.
 
     Episode ``j`` of a trial lives in slot ``j % N``. Slots of an env are zeroed when its trial
-    starts; nothing is cleared between the episodes of a trial.
+    starts, and a slot when an episode starts in it; nothing else is cleared between the episodes
+    of a trial. Episodes may end before ``L`` steps (Meta-World's own evaluation ends them on
+    success): the steps written per slot are kept, and past windows lie within them (an episode
+    shorter than ``T`` gives a window that starts at its first step and ends in zeros).
 
     Args:
         num_envs: ``M``.
@@ -134,6 +143,7 @@ class EpisodicMemory:
             {"token": torch.zeros(num_envs, num_episodes, episode_length, token_dim, device=device)},
             batch_size=[num_envs, num_episodes, episode_length],
         )
+        self.lengths = torch.zeros(num_envs, num_episodes, dtype=torch.long, device=device)  # steps written
         self.generator = torch.Generator().manual_seed(seed)
 
     @property
@@ -143,11 +153,17 @@ class EpisodicMemory:
     def clear(self, env_mask: torch.Tensor) -> None:
         """Forget every stored episode of the envs in ``env_mask [M]``."""
         self.storage[env_mask] = 0.0
+        self.lengths[env_mask] = 0
 
     def write(self, token: torch.Tensor, episode_idx: torch.Tensor, step: torch.Tensor) -> None:
         """Store ``token [M, D]`` at (episode ``episode_idx [M]``, step ``step [M]``) of each env."""
         envs = torch.arange(self.num_envs, device=token.device)
-        self.storage["token"][envs, episode_idx % self.num_episodes, step] = token
+        slots = episode_idx % self.num_episodes
+        starting = step == 0
+        if starting.any():  # an episode that starts in a slot leaves nothing of the one before
+            self.storage["token"][envs[starting], slots[starting]] = 0.0
+        self.storage["token"][envs, slots, step] = token
+        self.lengths[envs, slots] = step + 1
 
     def sample_past_windows(self, episode_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Choose one window per past episode for envs starting episode ``episode_idx [n]``.
@@ -160,12 +176,14 @@ class EpisodicMemory:
         num_past = self.num_episodes - 1
         ids, valid = past_episode_ids(episode_idx, num_past)
         slots = ids % self.num_episodes
+        envs = torch.arange(self.num_envs, device=ids.device).unsqueeze(-1)
+        lengths = self.lengths[envs, slots]  # [M, N-1]
         if self.past_windows == "max_reward":
-            envs = torch.arange(self.num_envs, device=ids.device).unsqueeze(-1)
             rewards = self.storage["token"][envs, slots, :, -2]  # [M, N-1, L]
-            starts = max_reward_window_starts(rewards, self.window)
+            starts = max_reward_window_starts(rewards, self.window, lengths)
         else:
             starts = sample_window_starts(ids.shape, self.episode_length, self.window, self.generator).to(ids.device)
+            starts = torch.minimum(starts, (lengths - self.window).clamp_min(0))  # within shorter episodes
         starts = starts * valid
         windows = gather_windows(self.storage["token"], slots, starts, self.window)
         return starts, valid, windows

@@ -95,8 +95,9 @@ def find_checkpoint(alias: str, runs: Path) -> Path:
     return max(found, key=lambda path: path.stat().st_mtime_ns)
 
 
-def check_checkpoint(path: str) -> None:
-    """Fail early, in one line, on a missing, unreadable or foreign checkpoint."""
+def check_checkpoint(path: str) -> dict:
+    """Fail early, in one line, on a missing, unreadable or foreign checkpoint; returns its
+    ``htrmrl`` entry (library versions, the benchmark's facts, the resolved config)."""
     if not Path(path).is_file():
         raise ConfigError(f"ckpt_path: no such file: {path}")
     try:
@@ -106,6 +107,7 @@ def check_checkpoint(path: str) -> None:
         raise ConfigError(f"ckpt_path: cannot read {path} (truncated or not a PyTorch checkpoint: {reason})") from None
     if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
         raise ConfigError(f"ckpt_path: {path} was not written by lightning_htrmrl (no '{CHECKPOINT_KEY}' entry)")
+    return checkpoint[CHECKPOINT_KEY]
 
 
 def run_directory(trainer: Trainer) -> Path:
