@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from tensordict import TensorDictBase
 
-from lightning_htrmrl.envs.base import ConfigError
+from lightning_htrmrl.validation import ConfigError
 
 
 class DDPScaling(Callback):

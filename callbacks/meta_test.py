@@ -17,11 +17,12 @@ from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
 from torchmetrics.aggregation import MeanMetric
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from lightning_htrmrl.envs.base import ConfigError, Split, check_split  # noqa: E402
+from lightning_htrmrl.envs.base import Split, check_split  # noqa: E402
 from lightning_htrmrl.envs.trial import TrialEnv  # noqa: E402
 from lightning_htrmrl.metaworld_protocol import MetaWorldProtocol, check_metaworld_benchmark  # noqa: E402
 from lightning_htrmrl.metaworld_protocol import evaluate as metaworld_evaluate  # noqa: E402
 from lightning_htrmrl.runs import run_directory  # noqa: E402
+from lightning_htrmrl.validation import ConfigError  # noqa: E402
 
 Protocol = Literal["trials", "metaworld"]
 
@@ -81,7 +82,7 @@ class MetaTestEvaluation(Callback):
         metaworld: MetaWorldProtocol | None = None,
     ) -> None:
         if every_n_epochs < 1:
-            raise ConfigError(f"MetaTestEvaluation.every_n_epochs must be >= 1, got {every_n_epochs}")
+            raise ConfigError(f"meta_test.every_n_epochs must be >= 1, got {every_n_epochs}")
         for key, value in (("num_trials", num_trials), ("num_envs", num_envs)):
             if value is not None and value < 1:
                 raise ConfigError(f"meta_test.{key} must be >= 1 or null, got {value}")

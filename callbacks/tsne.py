@@ -18,10 +18,14 @@ from sklearn.neighbors import KNeighborsClassifier
 from tensordict import TensorDict, TensorDictBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from lightning_htrmrl.envs.base import SPLITS, ConfigError, Split
+from lightning_htrmrl.envs.base import SPLITS, Split
 from lightning_htrmrl.envs.trial import TrialEnv
 from lightning_htrmrl.memory import current_windows
 from lightning_htrmrl.runs import run_directory
+from lightning_htrmrl.validation import ConfigError
+
+_KEY = "trainer.callbacks: TaskEmbeddingTSNE init_args"  # where its options live (error messages)
+
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 FIGURE_TAG = "meta_test/task_embeddings"
@@ -141,16 +145,16 @@ class TaskEmbeddingTSNE(Callback):
         seed: int = 54321,
     ) -> None:
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ConfigError(f"tsne.every_n_epochs must be >= 1, got {every_n_epochs!r}")
+            raise ConfigError(f"{_KEY}.every_n_epochs must be >= 1, got {every_n_epochs!r}")
         if not isinstance(num_trials, int) or num_trials < 2:
-            raise ConfigError(f"tsne.num_trials must be >= 2 (half fit, half scored), got {num_trials!r}")
+            raise ConfigError(f"{_KEY}.num_trials must be >= 2 (half fit, half scored), got {num_trials!r}")
         splits = [splits] if isinstance(splits, str) else list(splits)
         if not splits or any(split not in SPLITS for split in splits) or len(set(splits)) != len(splits):
             raise ConfigError(
-                f"tsne.splits must be a non-empty list of distinct values from {list(SPLITS)}, got {splits!r}"
+                f"{_KEY}.splits must be a non-empty list of distinct values from {list(SPLITS)}, got {splits!r}"
             )
         if not perplexity > 0:
-            raise ConfigError(f"tsne.perplexity must be > 0, got {perplexity!r}")
+            raise ConfigError(f"{_KEY}.perplexity must be > 0, got {perplexity!r}")
         self.every_n_epochs = every_n_epochs
         self.num_trials = num_trials
         self.splits: list[Split] = splits  # type: ignore[assignment]

@@ -1,8 +1,7 @@
 """``htrmrl``: the LightningCLI entry point.
 
-A subcommand given without any ``--config`` runs the embedded default: the packaged
-``conf/base.yaml``, ``conf/benchmark/ml1_reach.yaml`` and ``conf/model/htrmrl.yaml``, in that order,
-with the command-line options on top. ``--config`` files are merged left to right. Env
+``--config`` files are merged left to right, the command-line options on top (see
+:mod:`lightning_htrmrl.config_files` for the embedded default and experiment files). Env
 dimensions and the trial structure are linked from the data module into the model, never
 repeated in YAML.
 """
@@ -11,17 +10,14 @@ from __future__ import annotations
 
 import sys
 from argparse import ArgumentError
-from importlib import resources
-from pathlib import Path
 
-import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_htrmrl.callbacks import DDPScaling, MetaTestEvaluation
+from lightning_htrmrl.config_files import SUBCOMMANDS, expand_config_files
 from lightning_htrmrl.data import MetaRLDataModule
-from lightning_htrmrl.envs.base import ConfigError
 from lightning_htrmrl.metaworld_protocol import check_metaworld_benchmark
 from lightning_htrmrl.module import MetaPPO, NonFiniteError
 from lightning_htrmrl.runs import (
@@ -32,10 +28,9 @@ from lightning_htrmrl.runs import (
     runs_folder,
     share_run_directory,
 )
+from lightning_htrmrl.validation import ConfigError
 
-DEFAULT_CONFIGS = ("base.yaml", "benchmark/ml1_reach.yaml", "model/htrmrl.yaml")
 LINKED_KEYS = ("obs_dim", "action_dim", "episode_length", "episodes_per_trial")
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
 ALLOWED_CLASSES = {
     "data.benchmark": ("lightning_htrmrl.envs.PointRobot", "lightning_htrmrl.envs.MetaWorld"),
     "model.encoder": (
@@ -44,12 +39,6 @@ ALLOWED_CLASSES = {
         "lightning_htrmrl.models.MLPEncoder",
     ),
 }
-
-
-def default_config_files() -> list[str]:
-    """Paths of the packaged default config files, in merge order."""
-    root = resources.files("lightning_htrmrl.conf")
-    return [str(root.joinpath(name)) for name in DEFAULT_CONFIGS]
 
 
 class ConfigInCheckpoint(SaveConfigCallback):
@@ -66,6 +55,12 @@ class HTrMRLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(MetaTestEvaluation, "meta_test")
         parser.add_lightning_class_args(DDPScaling, "ddp")
+        parser.add_argument(
+            "--defaults",
+            type=list[str] | None,
+            default=None,
+            help="in a config file: config files (paths relative to it) merged before it",
+        )
         for key in LINKED_KEYS:
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 
@@ -94,43 +89,6 @@ class HTrMRLCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         place_run_files(config.trainer)
         share_run_directory(config.trainer.logger)
-        optimizer = config.model.optimizer
-        lr = getattr(getattr(optimizer, "init_args", None), "lr", None)
-        if lr is not None and not lr > 0:
-            raise ConfigError(f"model.optimizer.init_args.lr must be > 0, got {lr}")
-
-
-def config_file_arguments(args: list[str]) -> list[str]:
-    """The files given with ``--config``/``-c`` (either ``--config F`` or ``--config=F``)."""
-    files = [value for flag, value in zip(args, args[1:]) if flag in ("-c", "--config")]
-    return files + [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
-
-
-def check_config_files(args: list[str]) -> None:
-    """Fail in one line naming the file when a ``--config`` file is missing, unreadable or not YAML."""
-    for name in config_file_arguments(args):
-        path = Path(name)
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"--config {name}: cannot read it ({error.strerror or error})") from None
-        try:
-            yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            raise ConfigError(f"--config {name}: not valid YAML{where}: {problem}") from None
-
-
-def with_default_configs(args: list[str]) -> list[str]:
-    """Insert the embedded default configs after the subcommand if no ``--config`` is given."""
-    if not args or args[0] not in SUBCOMMANDS:
-        return args
-    if any(arg in ("-c", "--config") or arg.startswith("--config=") for arg in args):
-        return args
-    defaults = [item for path in default_config_files() for item in ("--config", path)]
-    return [args[0], *defaults, *args[1:]]
 
 
 def main(args: list[str] | None = None) -> None:
@@ -141,13 +99,12 @@ def main(args: list[str] | None = None) -> None:
     batch, Lightning's signal handling) with one line and exit code 143. Ctrl-C is Lightning's
     graceful shutdown (exit code 1). Collector processes are stopped in every case.
     """
-    if args is None:
-        sys.argv[1:] = with_default_configs(sys.argv[1:])
-    else:
-        args = with_default_configs(list(args))
     parser_kwargs = {"parser_mode": "omegaconf", "exit_on_error": False}
     try:
-        check_config_files(sys.argv[1:] if args is None else args)
+        if args is None:
+            sys.argv[1:] = expand_config_files(sys.argv[1:])
+        else:
+            args = expand_config_files(list(args))
         HTrMRLCLI(
             MetaPPO,
             MetaRLDataModule,

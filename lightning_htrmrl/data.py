@@ -17,8 +17,9 @@ from tensordict import TensorDictBase
 from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
 
-from lightning_htrmrl.envs.base import ConfigError, TaskDistribution, require_positive
+from lightning_htrmrl.envs.base import TaskDistribution
 from lightning_htrmrl.envs.trial import TrialEnv
+from lightning_htrmrl.validation import ConfigError, require_positive
 
 
 def _identity(batch: TensorDictBase) -> TensorDictBase:

@@ -34,9 +34,9 @@ import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from lightning_htrmrl.envs.base import ConfigError
 from lightning_htrmrl.envs.metaworld import MAX_PATH_LENGTH, MetaWorld
 from lightning_htrmrl.models import make_policy
+from lightning_htrmrl.validation import ConfigError
 
 _KEY = "meta_test.metaworld"
 

@@ -28,12 +28,12 @@ from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDic
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
-from lightning_htrmrl.envs.base import ConfigError, require_positive
 from lightning_htrmrl.memory import WINDOW_SELECTIONS, WindowSelection, episode_records
 from lightning_htrmrl.models import ContextEncoder, HierarchicalEncoder, make_actor, make_critic, make_policy
 from lightning_htrmrl.models.heads import Distribution
 from lightning_htrmrl.models.normalization import RunningMeanStd
 from lightning_htrmrl.runs import CHECKPOINT_KEY
+from lightning_htrmrl.validation import ConfigError, require_positive
 
 EncoderFactory = Callable[[int, int], ContextEncoder]
 VERSIONED_PACKAGES = (
@@ -61,6 +61,19 @@ def library_versions() -> dict[str, str | None]:
 
 LOSS_KEYS = ("loss_objective", "loss_critic", "loss_entropy")
 DIAGNOSTIC_KEYS = ("entropy", "clip_fraction", "kl_approx", "explained_variance", "ESS")
+
+
+def check_learning_rate(optimizer: OptimizerCallable) -> None:
+    """Build the optimizer on a probe parameter now, so a bad ``lr`` fails before any heavy work."""
+    try:
+        probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except ValueError as error:  # torch's own checks, e.g. "Invalid learning rate: -1"
+        words = {"learning rate": "lr", "epsilon": "eps", "beta": "betas", "momentum": "momentum"}
+        key = next((name for word, name in words.items() if word in str(error)), "")
+        raise ConfigError(f"model.optimizer.init_args{'.' + key if key else ''}: {error}") from None
+    for group in probe.param_groups:
+        if "lr" in group and not group["lr"] > 0:
+            raise ConfigError(f"model.optimizer.init_args.lr must be > 0, got {group['lr']}")
 
 
 class NonFiniteError(RuntimeError):
@@ -174,6 +187,7 @@ class MetaPPO(LightningModule):
         )
         self.advantage_module = GAE(gamma=gamma, lmbda=gae_lambda, value_network=None)
         self.optimizer_factory = optimizer
+        check_learning_rate(optimizer)
         self.automatic_optimization = False
         self.register_buffer("frames", torch.zeros((), dtype=torch.long))
         self.return_stats = RunningMeanStd()
@@ -194,11 +208,7 @@ class MetaPPO(LightningModule):
         return self.trainer.world_size if self._trainer is not None else 1
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        optimizer = self.optimizer_factory(self.parameters())
-        for group in optimizer.param_groups:
-            if "lr" in group and not group["lr"] > 0:
-                raise ConfigError(f"model.optimizer.init_args.lr must be > 0, got {group['lr']}")
-        return optimizer
+        return self.optimizer_factory(self.parameters())
 
     def episode_records(self, trials: TensorDictBase) -> TensorDict:
         """``[B, K*L]`` trials -> ``[B*K]`` episode records (see :func:`~lightning_htrmrl.memory.episode_records`)."""

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_htrmrl.envs.base import ConfigError
+from lightning_htrmrl.validation import ConfigError
 
 DEFAULT_ROOT_DIR = "runs"
 CHECKPOINT_KEY = "htrmrl"  # the entry of a checkpoint that lightning_htrmrl writes

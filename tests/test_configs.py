@@ -99,3 +99,20 @@ def test_tiny_ml1_reach_fit_through_the_cli(tmp_path: Path) -> None:
     frames = [float(r["train/frames"]) for r in rows if r.get("train/frames")]
     assert frames == [2 * 2 * 10 * 2]  # 2 collector processes x 2 slots x one trial of 2 x 10 steps
     assert any(r.get("meta_test/success_ep2") for r in rows)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.name for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiment_files_stand_alone(experiment: str, capsys) -> None:
+    """``htrmrl fit --config conf/experiment/X.yaml`` alone: its ``defaults:`` bring base, benchmark,
+    model and trainer; the printed config (reusable as a file) names no defaults."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONF / "experiment" / experiment), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    benchmark = config["data"]["benchmark"]
+    assert benchmark["class_path"].endswith("MetaWorld") and benchmark["init_args"]["episode_length"] == 500
+    expected = {"paper_ml1.yaml": "ML1", "paper_ml10.yaml": "ML10", "paper_ml45.yaml": "ML45"}[experiment]
+    assert benchmark["init_args"]["benchmark"] == expected
+    assert config["model"]["encoder"]["class_path"].endswith("HierarchicalEncoder")
+    assert config["trainer"]["accelerator"] == "gpu" and config["trainer"]["logger"]
+    assert config.get("defaults") is None

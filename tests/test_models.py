@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_htrmrl.envs import ConfigError
 from lightning_htrmrl.models import FlatTransformerEncoder, HierarchicalEncoder, MLPEncoder
 from lightning_htrmrl.models.layers import SequenceEncoder, attention_mask, reference_transformer, run_transformer
+from lightning_htrmrl.validation import ConfigError
 
 OBS, ACT = 2, 2
 D = OBS + ACT + 2

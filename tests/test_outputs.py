@@ -134,3 +134,17 @@ def test_killed_run_resumes_and_continues_its_counters(tmp_path: Path) -> None:
     frames_per_batch = 4 * 10 * 2
     assert frames[0] == saved_frames + frames_per_batch, "the frame counter restarted instead of continuing"
     assert (first / "checkpoints" / "last.ckpt").is_file(), "the first run's checkpoint was touched"
+
+
+def test_checkpoint_written_by_an_earlier_version_resumes_and_evaluates(tmp_path: Path) -> None:
+    """``tests/data/checkpoint_0.1.0``: a tiny point-robot run (2 epochs, 160 frames) written before
+    the package's modules were rearranged; it must keep loading, resuming and evaluating."""
+    old = Path(__file__).parent / "data" / "checkpoint_0.1.0" / "point_robot_tiny.ckpt"
+    result, _ = run_cli(["fit", *CONFIGS, *TINY, "--trainer.max_epochs", "3", "--ckpt_path", str(old)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = _run_dirs(tmp_path)
+    assert _frames(run) == [160 + 4 * 2 * 10], "the resumed run did not continue the old frame count"
+    result, _ = run_cli(["validate", *CONFIGS, *TINY, "--ckpt_path", str(old)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads((_run_dirs(tmp_path)[-1] / "meta_test.json").read_text())
+    assert evaluated["frames"] == 160 and evaluated["checkpoint"] == str(old)

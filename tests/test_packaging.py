@@ -77,7 +77,7 @@ def test_installed_wheel_imports_callbacks(wheel: Path, tmp_path: Path) -> None:
         "import importlib.util, os, sys\n"
         "import lightning_htrmrl, lightning_htrmrl.callbacks as cb\n"
         "from lightning_htrmrl.callbacks import MetaTestEvaluation\n"
-        "from lightning_htrmrl.cli import default_config_files\n"
+        "from lightning_htrmrl.config_files import default_config_files\n"
         f"target = {str(target)!r}\n"
         "assert lightning_htrmrl.__file__.startswith(target), lightning_htrmrl.__file__\n"
         "assert cb.__file__.startswith(target), cb.__file__\n"

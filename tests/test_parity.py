@@ -283,7 +283,7 @@ def test_gae_with_reward_normalization(tiny, horizon) -> None:
 
 
 def test_bad_module_options(tiny) -> None:
-    from lightning_htrmrl.envs import ConfigError
+    from lightning_htrmrl.validation import ConfigError
 
     with pytest.raises(ConfigError, match="window"):
         tiny.make_module(tiny.hierarchical(window=tiny.L + 1))

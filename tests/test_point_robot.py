@@ -10,7 +10,7 @@ import torch
 from tensordict import TensorDictBase
 from torchrl.envs.utils import check_env_specs
 
-from lightning_htrmrl.envs import ConfigError, PointRobot, PointRobotEnv
+from lightning_htrmrl.validation import ConfigError, PointRobot, PointRobotEnv
 
 
 def _scaled_random_policy(scale: float, seed: int = 0):
@@ -153,15 +153,6 @@ def test_token_semantics(tiny, point_robot: PointRobot) -> None:
     # the "next" token is the token of the following step (within a trial)
     same_trial = ~td["next", "done"].squeeze(-1)[:, :-1]
     assert torch.equal(td["next", "token"][:, :-1][same_trial], token[:, 1:][same_trial])
-
-
-def test_token_reward_scale(tiny) -> None:
-    robot = tiny.point_robot()
-    env = PointRobotEnv(
-        robot.goals("train"), num_envs=2, episode_length=tiny.L, episodes_per_trial=tiny.K, token_reward_scale=0.5
-    )
-    td = env.rollout(3, break_when_any_done=False)
-    assert torch.allclose(td["token"][:, 1:, 4], 0.5 * td["next", "reward"][:, :-1, 0])
 
 
 def test_cycle_tasks_covers_all_tasks(tiny) -> None:

@@ -16,9 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_htrmrl.callbacks import TaskEmbeddingTSNE
 from lightning_htrmrl.callbacks.tsne import FIGURE_TAG, episode_contexts
 from lightning_htrmrl.data import MetaRLDataModule
-from lightning_htrmrl.envs import ConfigError, PointRobot
 from lightning_htrmrl.models import HierarchicalEncoder, MLPEncoder
 from lightning_htrmrl.module import MetaPPO
+from lightning_htrmrl.validation import ConfigError, PointRobot
 
 L, K, NUM_TRIALS = 10, 2, 6
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -96,12 +96,12 @@ def test_tsne_works_with_the_memoryless_mlp_encoder(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"every_n_epochs": 0}, "tsne.every_n_epochs"),
-        ({"num_trials": 1}, "tsne.num_trials"),
-        ({"splits": []}, "tsne.splits"),
-        ({"splits": ["val"]}, "tsne.splits"),
-        ({"splits": ["test", "test"]}, "tsne.splits"),
-        ({"perplexity": 0.0}, "tsne.perplexity"),
+        ({"every_n_epochs": 0}, "TaskEmbeddingTSNE init_args.every_n_epochs"),
+        ({"num_trials": 1}, "TaskEmbeddingTSNE init_args.num_trials"),
+        ({"splits": []}, "TaskEmbeddingTSNE init_args.splits"),
+        ({"splits": ["val"]}, "TaskEmbeddingTSNE init_args.splits"),
+        ({"splits": ["test", "test"]}, "TaskEmbeddingTSNE init_args.splits"),
+        ({"perplexity": 0.0}, "TaskEmbeddingTSNE init_args.perplexity"),
     ],
 )
 def test_bad_arguments_fail_early_naming_the_key(kwargs: dict, key: str) -> None:

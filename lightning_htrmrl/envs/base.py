@@ -14,19 +14,10 @@ from typing import Literal
 import torch
 
 from lightning_htrmrl.envs.trial import TrialEnv
+from lightning_htrmrl.validation import ConfigError, require_positive
 
 Split = Literal["train", "test"]
 SPLITS: tuple[str, ...] = ("train", "test")
-
-
-class ConfigError(ValueError):
-    """Bad user input; the CLI prints it as one ``error:`` line and exits non-zero."""
-
-
-def require_positive(key: str, value: int | float) -> None:
-    """Raise :class:`ConfigError` naming ``key`` if ``value`` is not > 0."""
-    if not value > 0:
-        raise ConfigError(f"{key} must be > 0, got {value!r}")
 
 
 class TaskDistribution(abc.ABC):

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lightning_htrmrl.envs.base import ConfigError, Split, TaskDistribution, check_split, require_positive
+from lightning_htrmrl.envs.base import Split, TaskDistribution, check_split
 from lightning_htrmrl.envs.trial import TrialEnv
+from lightning_htrmrl.validation import ConfigError, require_positive
 
 if TYPE_CHECKING:
     from metaworld import Benchmark
@@ -37,7 +38,7 @@ MAX_PATH_LENGTH = 500  # Meta-World's max_path_length: a raw env raises if stepp
 REWARD_FUNCTION_VERSION = "v2"  # passed to every env class (also Meta-World's default)
 OBS_DIM = 39
 ACTION_DIM = 4
-_KEY = "data.benchmark"  # config path used in error messages
+_KEY = "data.benchmark.init_args"  # where the options live in the config (error messages)
 
 # (benchmark, task_name, seed) -> metaworld benchmark object, built once per process
 _BENCHMARK_CACHE: dict[tuple[str, str | None, int], Benchmark] = {}
@@ -106,12 +107,7 @@ class MetaWorldEnv(TrialEnv):
         hidden_observation_dims: Sequence[int] = (),
         **trial_kwargs: Any,
     ) -> None:
-        episode_length = trial_kwargs.get("episode_length", 1)
-        if not 0 < episode_length <= MAX_PATH_LENGTH:
-            raise ConfigError(f"episode_length must be in [1, {MAX_PATH_LENGTH}], got {episode_length!r}")
-        super().__init__(
-            num_tasks=len(tasks), obs_dim=OBS_DIM, action_dim=ACTION_DIM, token_reward_scale=1.0, **trial_kwargs
-        )
+        super().__init__(num_tasks=len(tasks), obs_dim=OBS_DIM, action_dim=ACTION_DIM, **trial_kwargs)
         missing = sorted({t.env_name for t in tasks} - set(classes))
         if missing:
             raise ValueError(f"no env class given for task classes {missing}")

@@ -13,8 +13,11 @@ import math
 
 import torch
 
-from lightning_htrmrl.envs.base import ConfigError, Split, TaskDistribution, check_split, require_positive
+from lightning_htrmrl.envs.base import Split, TaskDistribution, check_split
 from lightning_htrmrl.envs.trial import TrialEnv
+from lightning_htrmrl.validation import ConfigError, require_positive
+
+_KEY = "data.benchmark.init_args"  # where the options live in the config (error messages)
 
 
 class PointRobotEnv(TrialEnv):
@@ -94,10 +97,10 @@ class PointRobot(TaskDistribution):
     ) -> None:
         super().__init__(episode_length, episodes_per_trial)
         if num_goals < 2:
-            raise ConfigError(f"num_goals must be >= 2 (one train and one test goal), got {num_goals!r}")
-        require_positive("max_step", max_step)
-        require_positive("success_radius", success_radius)
-        require_positive("reward_radius", reward_radius)
+            raise ConfigError(f"{_KEY}.num_goals must be >= 2 (one train and one test goal), got {num_goals!r}")
+        require_positive(f"{_KEY}.max_step", max_step)
+        require_positive(f"{_KEY}.success_radius", success_radius)
+        require_positive(f"{_KEY}.reward_radius", reward_radius)
         self.num_goals = num_goals
         self.sparse = sparse
         self.max_step = max_step

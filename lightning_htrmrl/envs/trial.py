@@ -7,7 +7,7 @@ last step, tasks are resampled only at a trial start, and the simulator is reset
 the episodes of a trial (the next observation after an episode's last step is the first
 observation of the next episode, as in RL^2).
 
-Every step emits the RL^2 token ``[s_t, a_{t-1}, r_{t-1} * token_reward_scale, done_{t-1}]``
+Every step emits the RL^2 token ``[s_t, a_{t-1}, r_{t-1}, done_{t-1}]``
 (zeros for the previous action, reward and done at a trial start), together with the episode index
 within the trial, the step index within the episode, the task id and a per-step ``success`` flag.
 
@@ -22,8 +22,6 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
-
-TRIAL_KEYS = ("observation", "token", "episode_idx", "step_in_episode", "task_id", "success")
 
 
 class TrialEnv(EnvBase):
@@ -42,7 +40,6 @@ class TrialEnv(EnvBase):
             permutation of the tasks (drawn from ``seed``) at its ``j``-th trial, so consecutive
             trials cover every task before repeating one (used for evaluation). Otherwise tasks
             are drawn uniformly at random.
-        token_reward_scale: factor applied to the reward inside the token only.
         device: device of the emitted tensors.
 
     Output keys (batch ``[M]``): ``observation [M, obs_dim]``, ``token [M, obs_dim + action_dim + 2]``,
@@ -61,7 +58,6 @@ class TrialEnv(EnvBase):
         episodes_per_trial: int,
         seed: int = 0,
         cycle_tasks: bool = False,
-        token_reward_scale: float = 1.0,
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(device=device, batch_size=torch.Size([num_envs]))
@@ -72,7 +68,6 @@ class TrialEnv(EnvBase):
         self.episode_length = episode_length
         self.episodes_per_trial = episodes_per_trial
         self.cycle_tasks = cycle_tasks
-        self.token_reward_scale = token_reward_scale
         self.token_dim = obs_dim + action_dim + 2
         self._seed = seed
         self._task_order = torch.randperm(num_tasks, generator=torch.Generator().manual_seed(seed))
@@ -189,7 +184,7 @@ class TrialEnv(EnvBase):
             [
                 obs,
                 action.to(torch.float32),
-                reward.unsqueeze(-1) * self.token_reward_scale,
+                reward.unsqueeze(-1),
                 episode_over.unsqueeze(-1).to(torch.float32),
             ],
             dim=-1,

@@ -21,7 +21,6 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from lightning_htrmrl.envs.base import ConfigError, require_positive
 from lightning_htrmrl.memory import current_windows
 from lightning_htrmrl.models.layers import (
     SequenceEncoder,
@@ -31,6 +30,7 @@ from lightning_htrmrl.models.layers import (
     run_transformer,
 )
 from lightning_htrmrl.models.normalization import InputNormalizer
+from lightning_htrmrl.validation import ConfigError, require_positive
 
 
 class ContextEncoder(nn.Module, abc.ABC):

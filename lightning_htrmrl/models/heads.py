@@ -27,7 +27,7 @@ def make_actor(
     in_features: int,
     action_dim: int,
     hidden: list[int],
-    distribution: Distribution = "tanh_normal",
+    distribution: Distribution = "normal",
     init_std: float = 1.0,
 ) -> ProbabilisticActor:
     """Gaussian policy on ``features [*, in_features]`` with a learned state-independent std.
