@@ -20,8 +20,8 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from lightning_htrmrl.envs.base import SPLITS, Split
 from lightning_htrmrl.envs.trial import TrialEnv
-from lightning_htrmrl.memory import current_windows
 from lightning_htrmrl.runs import run_directory
+from lightning_htrmrl.trials import run_trials
 from lightning_htrmrl.validation import ConfigError
 
 _KEY = "trainer.callbacks: TaskEmbeddingTSNE init_args"  # where its options live (error messages)
@@ -54,14 +54,11 @@ def episode_contexts(pl_module: LightningModule, trials: TensorDictBase) -> Tens
         TensorDict ``[B*K]`` on the CPU: ``z [B*K, context_dim]`` (float32), ``task_id [B*K]``,
         ``episode [B*K]`` (index within the trial, 0-based) and ``trial [B*K]`` (row of ``trials``).
     """
-    encoder = pl_module.encoder
     records = pl_module.episode_records(trials)
     steps = records["steps"]
     episodes, length = steps.shape
-    cache = encoder.begin_episode(records["past_windows"], records["past_valid"])
     last = torch.full((episodes,), length - 1, dtype=torch.long, device=steps.device)
-    window, window_length = current_windows(steps["token"], last, encoder.window)
-    z = encoder.context(cache, window, window_length)
+    z = pl_module.encoder.context_at(steps["token"], records["past_windows"], records["past_valid"], last)
     per_row = trials.shape[1] // length
     trial = torch.arange(trials.shape[0]).repeat_interleave(per_row)
     return TensorDict(
@@ -185,14 +182,10 @@ class TaskEmbeddingTSNE(Callback):
         """
         env = self._get_env(trainer, pl_module, split)
         policy = pl_module.make_policy(seed=self.seed)
-        steps = env.episodes_per_trial * env.episode_length
         halves = []
         for count in (-(-self.num_trials // 2), self.num_trials // 2):
             env.set_seed(self.seed)  # restart the task schedule: both halves run the same tasks
-            rounds = -(-count // env.num_envs)
-            # Each rollout starts with a reset, i.e. a new trial on the next tasks of the schedule.
-            trials = [env.rollout(steps, policy, break_when_any_done=False) for _ in range(rounds)]
-            halves.append(torch.cat(trials)[:count])
+            halves.append(run_trials(env, policy, count))
         return torch.cat(halves)
 
     @torch.no_grad()

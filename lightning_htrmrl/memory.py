@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from tensordict import TensorDict, TensorDictBase
 
+from lightning_htrmrl.trials import REWARD_ENTRY
+
 
 def past_episode_ids(episode_idx: torch.Tensor, num_past: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the past episodes in memory, oldest first, and whether they exist.
@@ -179,7 +181,7 @@ class EpisodicMemory:
         envs = torch.arange(self.num_envs, device=ids.device).unsqueeze(-1)
         lengths = self.lengths[envs, slots]  # [M, N-1]
         if self.past_windows == "max_reward":
-            rewards = self.storage["token"][envs, slots, :, -2]  # [M, N-1, L]
+            rewards = self.storage["token"][envs, slots, :, REWARD_ENTRY]  # [M, N-1, L]
             starts = max_reward_window_starts(rewards, self.window, lengths)
         else:
             starts = sample_window_starts(ids.shape, self.episode_length, self.window, self.generator).to(ids.device)

@@ -15,7 +15,6 @@ One training step consumes one batch of whole trials ``[B, K * L]`` from the col
 
 from __future__ import annotations
 
-import importlib.metadata
 import time
 from collections import defaultdict
 from typing import Callable, Literal
@@ -32,33 +31,11 @@ from lightning_htrmrl.memory import WINDOW_SELECTIONS, WindowSelection, episode_
 from lightning_htrmrl.models import ContextEncoder, HierarchicalEncoder, make_actor, make_critic, make_policy
 from lightning_htrmrl.models.heads import Distribution
 from lightning_htrmrl.models.normalization import RunningMeanStd
-from lightning_htrmrl.runs import CHECKPOINT_KEY
+from lightning_htrmrl.runs import CHECKPOINT_KEY, library_versions
+from lightning_htrmrl.trials import episode_outcomes, last_step_of_episode
 from lightning_htrmrl.validation import ConfigError, require_positive
 
 EncoderFactory = Callable[[int, int], ContextEncoder]
-VERSIONED_PACKAGES = (
-    "lightning-htrmrl",
-    "torch",
-    "torchrl",
-    "tensordict",
-    "lightning",
-    "metaworld",
-    "mujoco",
-    "gymnasium",
-)
-
-
-def library_versions() -> dict[str, str | None]:
-    """Installed versions of the packages a result depends on."""
-    versions: dict[str, str | None] = {}
-    for package in VERSIONED_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
 LOSS_KEYS = ("loss_objective", "loss_critic", "loss_entropy")
 DIAGNOSTIC_KEYS = ("entropy", "clip_fraction", "kl_approx", "explained_variance", "ESS")
 
@@ -240,7 +217,7 @@ class MetaPPO(LightningModule):
         trials = steps.reshape(trials_shape)
         values = values.reshape(*trials_shape, 1)
         if self.hparams.advantage_horizon == "episode":
-            done = (trials["step_in_episode"] == self.hparams.episode_length - 1).unsqueeze(-1)
+            done = last_step_of_episode(trials["step_in_episode"], self.hparams.episode_length).unsqueeze(-1)
         else:
             done = trials["next", "done"]
         next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
@@ -407,9 +384,8 @@ class MetaPPO(LightningModule):
 
         An episode is a success if ``success`` is set at any of its steps.
         """
-        k, length = self.hparams.episodes_per_trial, self.hparams.episode_length
-        success = trials["next", "success"].reshape(-1, k, length).any(-1).float()
-        returns = trials["next", "reward"].reshape(-1, k, length).sum(-1)
+        k = self.hparams.episodes_per_trial
+        success, returns = episode_outcomes(trials, k, self.hparams.episode_length)
         metrics = {f"{prefix}/success": success.mean(), f"{prefix}/return": returns.mean()}
         for episode in range(k):
             metrics[f"{prefix}/success_ep{episode + 1}"] = success[:, episode].mean()

@@ -8,6 +8,7 @@ Every run gets a new ``version_N``: nothing a previous run wrote is reused or ov
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
 import torch
@@ -77,6 +78,29 @@ def share_run_directory(loggers: object) -> None:
 
 def _version_numbers(root: Path) -> list[int]:
     return [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
+
+
+VERSIONED_PACKAGES = (
+    "lightning-htrmrl",
+    "torch",
+    "torchrl",
+    "tensordict",
+    "lightning",
+    "metaworld",
+    "mujoco",
+    "gymnasium",
+)
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the packages a result depends on."""
+    versions: dict[str, str | None] = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
 
 
 def find_checkpoint(alias: str, runs: Path) -> Path:

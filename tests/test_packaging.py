@@ -42,7 +42,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_contents(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "lightning_htrmrl/callbacks/__init__.py" in names
-    assert "lightning_htrmrl/callbacks/meta_test.py" in names
+    assert "lightning_htrmrl/callbacks/meta_evaluation.py" in names
     assert "lightning_htrmrl/callbacks/tsne.py" in names
     assert "lightning_htrmrl/__main__.py" in names
     # every config fragment of the repo is shipped under lightning_htrmrl/conf
@@ -67,7 +67,7 @@ def test_installed_wheel_imports_callbacks(wheel: Path, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert (target / "lightning_htrmrl" / "callbacks" / "meta_test.py").is_file()
+    assert (target / "lightning_htrmrl" / "callbacks" / "meta_evaluation.py").is_file()
     assert not (target / "callbacks").exists()
     # `python -S` skips .pth files, so the repo's editable-install finder cannot shadow the installed copy;
     # dependencies still come from the venv's site-packages, after the target.
@@ -89,4 +89,4 @@ def test_installed_wheel_imports_callbacks(wheel: Path, tmp_path: Path) -> None:
         [sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert "OK lightning_htrmrl.callbacks.meta_test" in result.stdout
+    assert "OK lightning_htrmrl.callbacks.meta_evaluation" in result.stdout

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from lightning_htrmrl.envs.trial import TrialEnv
+from lightning_htrmrl.trials import token_dim
 from lightning_htrmrl.validation import ConfigError, require_positive
 
 Split = Literal["train", "test"]
@@ -40,7 +41,7 @@ class TaskDistribution(abc.ABC):
     @property
     def token_dim(self) -> int:
         """Size of the RL^2 token ``[s, a_prev, r_prev, done_prev]``."""
-        return self.obs_dim + self.action_dim + 2
+        return token_dim(self.obs_dim, self.action_dim)
 
     @abc.abstractmethod
     def task_names(self, split: Split) -> list[str]:

@@ -23,6 +23,8 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
+from lightning_htrmrl.trials import token_dim
+
 
 class TrialEnv(EnvBase):
     """Batched env of ``num_envs`` slots that each run trials of ``episodes_per_trial`` episodes.
@@ -68,7 +70,7 @@ class TrialEnv(EnvBase):
         self.episode_length = episode_length
         self.episodes_per_trial = episodes_per_trial
         self.cycle_tasks = cycle_tasks
-        self.token_dim = obs_dim + action_dim + 2
+        self.token_dim = token_dim(obs_dim, action_dim)
         self._seed = seed
         self._task_order = torch.randperm(num_tasks, generator=torch.Generator().manual_seed(seed))
         self._shard = (0, 1)

@@ -30,6 +30,7 @@ from lightning_htrmrl.models.layers import (
     run_transformer,
 )
 from lightning_htrmrl.models.normalization import InputNormalizer
+from lightning_htrmrl.trials import token_dim
 from lightning_htrmrl.validation import ConfigError, require_positive
 
 
@@ -52,7 +53,7 @@ class ContextEncoder(nn.Module, abc.ABC):
             raise ConfigError(f"model.encoder.init_args.state_embedding_dim must be >= 0, got {state_embedding_dim}")
         self.obs_dim = obs_dim
         self.action_dim = action_dim
-        self.token_dim = obs_dim + action_dim + 2
+        self.token_dim = token_dim(obs_dim, action_dim)
         self.num_episodes = num_episodes
         self.window = window
         self.state_embedding = nn.Linear(obs_dim, state_embedding_dim) if state_embedding_dim else None
@@ -128,6 +129,15 @@ class ContextEncoder(nn.Module, abc.ABC):
         cache = cache.unsqueeze(1).expand(episodes, length).reshape(-1)
         features = self.step(cache, windows.flatten(0, 1), lengths.flatten(), observation.flatten(0, 1))
         return features.view(episodes, length, -1)
+
+    def context_at(
+        self, tokens: torch.Tensor, past_windows: torch.Tensor, past_valid: torch.Tensor, step: torch.Tensor
+    ) -> torch.Tensor:
+        """The context ``z [E, context_dim]`` the policy formed at step ``step [E]`` of ``E`` episodes
+        (tokens ``[E, L, D]``, past windows ``[E, N-1, T, D]`` and ``past_valid [E, N-1]``)."""
+        cache = self.begin_episode(past_windows, past_valid)
+        window, length = current_windows(tokens, step, self.window)
+        return self.context(cache, window, length)
 
 
 def _window_valid(length: torch.Tensor, window: int) -> torch.Tensor:

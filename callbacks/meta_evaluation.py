@@ -22,6 +22,7 @@ from lightning_htrmrl.envs.trial import TrialEnv  # noqa: E402
 from lightning_htrmrl.metaworld_protocol import MetaWorldProtocol, check_metaworld_benchmark  # noqa: E402
 from lightning_htrmrl.metaworld_protocol import evaluate as metaworld_evaluate  # noqa: E402
 from lightning_htrmrl.runs import run_directory  # noqa: E402
+from lightning_htrmrl.trials import episode_outcomes, run_trials  # noqa: E402
 from lightning_htrmrl.validation import ConfigError  # noqa: E402
 
 Protocol = Literal["trials", "metaworld"]
@@ -125,16 +126,12 @@ class MetaTestEvaluation(Callback):
         env.set_shard(trainer.global_rank, trainer.world_size)
         policy = pl_module.make_policy(seed=self.seed)
         exploration = ExplorationType.DETERMINISTIC if self.deterministic else ExplorationType.RANDOM
-        k, length = env.episodes_per_trial, env.episode_length
+        k = env.episodes_per_trial
         # Under DDP every process runs its share of the trials; the means are synced below.
         num_trials = -(-self._trials(trainer) // trainer.world_size)
-        rounds = -(-num_trials // env.num_envs)
         with set_exploration_type(exploration):
-            # Each rollout starts with a reset, i.e. a new trial on the next tasks of the schedule.
-            rollouts = [env.rollout(k * length, policy, break_when_any_done=False) for _ in range(rounds)]
-        rollout = torch.cat(rollouts, dim=0)[:num_trials]
-        success = rollout["next", "success"].reshape(-1, k, length).any(-1).float()
-        returns = rollout["next", "reward"].reshape(-1, k, length).sum(-1)
+            rollout = run_trials(env, policy, num_trials)
+        success, returns = episode_outcomes(rollout, k, env.episode_length)
         per_episode = {"success": success, "return": returns}
         metrics: dict[str, torch.Tensor] = {}
         for name, values in per_episode.items():

@@ -1,0 +1,47 @@
+"""Whole-trial arithmetic shared by collection, training and evaluation.
+
+A *trial* is ``K`` episodes of ``L`` steps on one task; a batch of trials is a TensorDict
+``[B, K*L]``. Every step carries the RL^2 token ``[s_t, a_{t-1}, r_{t-1}, done_{t-1}]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDictBase
+
+REWARD_ENTRY = -2  # index of r_{t-1} in a token
+
+
+def token_dim(obs_dim: int, action_dim: int) -> int:
+    """Size of the token ``[s_t, a_{t-1}, r_{t-1}, done_{t-1}]``."""
+    return obs_dim + action_dim + 2
+
+
+def last_step_of_episode(step_in_episode: torch.Tensor, episode_length: int) -> torch.Tensor:
+    """Whether each step is the last of its episode (same shape as ``step_in_episode``)."""
+    return step_in_episode == episode_length - 1
+
+
+def episode_outcomes(trials: TensorDictBase, episodes_per_trial: int, episode_length: int):
+    """Success and return of every episode of ``[B, K*L]`` trials: two ``[B, K]`` tensors.
+
+    An episode is a success if ``success`` is set at any of its steps; its return is the sum of
+    the (scaled) rewards.
+    """
+    shape = (-1, episodes_per_trial, episode_length)
+    success = trials["next", "success"].reshape(shape).any(-1).float()
+    returns = trials["next", "reward"].reshape(shape).sum(-1)
+    return success, returns
+
+
+@torch.no_grad()
+def run_trials(env, policy, num_trials: int) -> TensorDictBase:
+    """``num_trials`` whole trials ``[num_trials, K*L]`` of a ``TrialEnv`` with a fresh ``policy``.
+
+    Each round is one ``env.rollout``, which starts with a reset: a new trial on every slot, on
+    the next tasks of the env's schedule.
+    """
+    steps = env.episodes_per_trial * env.episode_length
+    rounds = -(-num_trials // env.num_envs)
+    trials = [env.rollout(steps, policy, break_when_any_done=False) for _ in range(rounds)]
+    return torch.cat(trials, dim=0)[:num_trials]
