@@ -2,10 +2,11 @@
 
 One training step consumes one batch of whole trials ``[B, K * L]`` from the collector:
 
-1. split it into episode records (each with the past windows sampled at collection);
-2. evaluate the critic on the features the policy computed at collection (the batch was collected
-   with the current weights) and run :class:`~torchrl.objectives.value.GAE` over whole trials (a
-   trial is one long episode: exploration in episode 1 is credited by later episodes);
+1. evaluate the critic on the features the policy computed at collection (the batch was collected
+   with the current weights) and run :class:`~torchrl.objectives.value.GAE` along the collected
+   rows of whole trials (a trial is one long episode: exploration in episode 1 is credited by later
+   episodes);
+2. split the trials into episode records (each with the past windows chosen at collection);
 3. ``ppo_epochs`` passes over minibatches of episodes from a TorchRL replay buffer, each pass
    recomputing features with gradients and calling :class:`~torchrl.objectives.ClipPPOLoss`,
    ``self.manual_backward``, ``self.clip_gradients`` and ``optimizer.step()``;
@@ -205,17 +206,14 @@ class MetaPPO(LightningModule):
         return self.actor.get_dist(steps).log_prob(steps["action"])
 
     @torch.no_grad()
-    def estimate_advantage(self, records: TensorDictBase, trials_shape: torch.Size) -> None:
-        """Write ``state_value``, ``advantage`` and ``value_target`` into ``records["steps"]``.
+    def estimate_advantage(self, trials: TensorDictBase) -> None:
+        """Write ``state_value``, ``advantage`` and ``value_target`` ``[B, K*L, 1]`` into ``trials``.
 
         Values come from the current critic on the features the policy computed at collection
         (batches are collected with the current weights, so they equal a recompute). GAE runs along
-        each collected row of whole trials (``trials_shape = [B, K*L]``).
+        each collected row of whole trials ``[B, K*L]``, the layout the collector produced.
         """
-        steps = records["steps"]
-        values = self.critic(steps.select("features"))["state_value"]
-        trials = steps.reshape(trials_shape)
-        values = values.reshape(*trials_shape, 1)
+        values = self.critic(trials.select("features"))["state_value"]
         if self.hparams.advantage_horizon == "episode":
             done = last_step_of_episode(trials["step_in_episode"], self.hparams.episode_length).unsqueeze(-1)
         else:
@@ -232,11 +230,10 @@ class MetaPPO(LightningModule):
                 "state_value": values,
                 "next": {"state_value": next_values, "reward": reward, "done": done, "terminated": done},
             },
-            batch_size=trials_shape,
+            batch_size=trials.shape,
         )
         self.advantage_module(gae_input)
-        for key in ("state_value", "advantage", "value_target"):
-            steps[key] = gae_input[key].reshape(*steps.shape, 1)
+        trials.update(gae_input.select("state_value", "advantage", "value_target"))
 
     def _episode_buffer(self, num_episodes: int) -> TensorDictReplayBuffer:
         """An empty replay buffer of ``num_episodes`` episode records (one PPO batch)."""
@@ -268,8 +265,8 @@ class MetaPPO(LightningModule):
     def ppo_update(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         """GAE, then ``ppo_epochs`` passes over minibatches of episodes; returns the mean losses."""
         optimizer = self.optimizers()
+        self.estimate_advantage(batch)
         records = self.episode_records(batch)
-        self.estimate_advantage(records, batch.shape)
         buffer = self._episode_buffer(len(records))
         buffer.extend(records)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))

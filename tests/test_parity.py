@@ -201,10 +201,8 @@ def _reference_gae(reward, value, done, gamma, lmbda):
 
 
 def _advantages(module, batch):
-    records = module.episode_records(batch)
-    module.estimate_advantage(records, batch.shape)
-    steps = records["steps"].reshape(batch.shape)
-    return steps["advantage"].squeeze(-1), steps["state_value"].squeeze(-1), steps["value_target"].squeeze(-1)
+    module.estimate_advantage(batch)
+    return batch["advantage"].squeeze(-1), batch["state_value"].squeeze(-1), batch["value_target"].squeeze(-1)
 
 
 GAMMA, LAMBDA = 0.9, 0.8
