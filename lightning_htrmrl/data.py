@@ -6,7 +6,7 @@ moved to its device, with the model's collection policy (episodic memory + encod
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 
 import numpy as np
@@ -56,9 +56,8 @@ def shutdown_collector(collector: Collector) -> None:
 class TrialBatches(IterableDataset):
     """``iterations`` batches of whole trials ``[rows, K*L]`` per epoch from a running collector."""
 
-    def __init__(self, collector: Collector, iterations: int, trial_frames: int, on_batch: Callable[[], None]) -> None:
+    def __init__(self, collector: Collector, iterations: int, trial_frames: int) -> None:
         self.collector = collector
-        self.on_batch = on_batch
         self.iterations = iterations
         self.trial_frames = trial_frames
         self._batches: Iterator[TensorDictBase] | None = None
@@ -69,7 +68,6 @@ class TrialBatches(IterableDataset):
         for _ in range(self.iterations):
             self.collector.update_policy_weights_()
             batch = next(self._batches)
-            self.on_batch()
             # One row per trial; the features (computed with the current weights) feed the critic.
             yield batch.exclude("collector").reshape(-1, self.trial_frames)
 
@@ -115,7 +113,6 @@ class MetaRLDataModule(LightningDataModule):
         self.iterations_per_epoch = iterations_per_epoch
         self.seed = seed
         self.collector: Collector | None = None
-        self.batches_collected = 0
 
     # Dimensions linked into the model by the CLI.
     @property
@@ -161,15 +158,14 @@ class MetaRLDataModule(LightningDataModule):
         torch_seed = seed + self.batches_collected if in_own_process else None
         return partial(make_train_env, self.benchmark, self.num_envs, seed, start, torch_seed)
 
-    def _count_batch(self) -> None:
-        self.batches_collected += 1
-
-    def state_dict(self) -> dict:
-        """Saved in checkpoints: where the task sequences stand."""
-        return {"batches_collected": self.batches_collected}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.batches_collected = int(state_dict.get("batches_collected", 0))
+    @property
+    def batches_collected(self) -> int:
+        """Batches this process has collected: the model's frame count (all processes, saved in
+        checkpoints) over the frames of one batch of every process."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None:
+            return 0
+        return int(module.frames) // (self.frames_per_batch * self.trainer.world_size)
 
     def build_collector(self, policy, device: torch.device | str = "cpu") -> Collector:
         """A TorchRL Collector of whole-trial batches over the train split.
@@ -204,7 +200,7 @@ class MetaRLDataModule(LightningDataModule):
         # Window sampling continues on a fresh stream after a resume (seeded by the batch count).
         policy_seed = self.process_seed() + self.batches_collected
         self.collector = self.build_collector(module.make_policy(seed=policy_seed), module.device)
-        dataset = TrialBatches(self.collector, self.iterations_per_epoch, self.trial_frames, self._count_batch)
+        dataset = TrialBatches(self.collector, self.iterations_per_epoch, self.trial_frames)
         return DataLoader(dataset, batch_size=None, collate_fn=_identity)
 
     def val_dataloader(self) -> DataLoader | list:
