@@ -62,37 +62,39 @@ def current_windows(tokens: torch.Tensor, step: torch.Tensor, window: int) -> tu
         window: ``T`` (must be <= ``L``).
 
     Returns:
-        ``windows [B, *S, T, D]`` and ``length [B, *S]``: the window covers steps
-        ``max(0, t - T + 1) .. t``; positions ``>= length`` are padding and must be masked.
+        ``windows [B, *S, T, D]`` and ``num_valid [B, *S]``: the window covers steps
+        ``max(0, t - T + 1) .. t``; positions ``>= num_valid`` are padding and must be masked.
     """
     start = (step - window + 1).clamp_min(0)
-    length = step - start + 1
+    num_valid = step - start + 1
     episode = torch.zeros_like(step)
-    return gather_windows(tokens.unsqueeze(1), episode, start, window), length
+    return gather_windows(tokens.unsqueeze(1), episode, start, window), num_valid
 
 
 WindowSelection = Literal["uniform", "max_reward"]
 WINDOW_SELECTIONS = ("uniform", "max_reward")
 
 
-def max_reward_window_starts(rewards: torch.Tensor, window: int, lengths: torch.Tensor | None = None) -> torch.Tensor:
+def max_reward_window_starts(
+    rewards: torch.Tensor, window: int, steps_written: torch.Tensor | None = None
+) -> torch.Tensor:
     """Starts of the windows that end at each episode's highest-reward step.
 
     Args:
         rewards: ``[*B, L]`` the reward entry of each stored token (token ``t`` holds ``r_{t-1}``;
             the first token of an episode holds the previous episode's last reward and is skipped).
         window: ``T``.
-        lengths: ``[*B]`` steps stored of each episode (default: all ``L``); later steps are ignored.
+        steps_written: ``[*B]`` steps stored of each episode (default: all ``L``); later ones are ignored.
 
     Returns:
-        ``[*B]`` starts in ``[0, max(length - T, 0)]`` (the first highest step on ties).
+        ``[*B]`` starts in ``[0, max(steps_written - T, 0)]`` (the first highest step on ties).
     """
     episode_length = rewards.shape[-1]
-    if lengths is not None:
-        beyond = torch.arange(episode_length, device=rewards.device) >= lengths.unsqueeze(-1)
+    if steps_written is not None:
+        beyond = torch.arange(episode_length, device=rewards.device) >= steps_written.unsqueeze(-1)
         rewards = rewards.masked_fill(beyond, float("-inf"))
     best = rewards[..., 1:].argmax(-1) + 1
-    last_start = episode_length - window if lengths is None else (lengths - window).clamp_min(0)
+    last_start = episode_length - window if steps_written is None else (steps_written - window).clamp_min(0)
     return (best - window + 1).clamp_min(0).clamp_max(last_start)
 
 
@@ -145,7 +147,7 @@ class EpisodicMemory:
             {"token": torch.zeros(num_envs, num_episodes, episode_length, token_dim, device=device)},
             batch_size=[num_envs, num_episodes, episode_length],
         )
-        self.lengths = torch.zeros(num_envs, num_episodes, dtype=torch.long, device=device)  # steps written
+        self.steps_written = torch.zeros(num_envs, num_episodes, dtype=torch.long, device=device)
         self.generator = torch.Generator().manual_seed(seed)
 
     @property
@@ -155,7 +157,7 @@ class EpisodicMemory:
     def clear(self, env_mask: torch.Tensor) -> None:
         """Forget every stored episode of the envs in ``env_mask [M]``."""
         self.storage[env_mask] = 0.0
-        self.lengths[env_mask] = 0
+        self.steps_written[env_mask] = 0
 
     def write(self, token: torch.Tensor, episode_idx: torch.Tensor, step: torch.Tensor) -> None:
         """Store ``token [M, D]`` at (episode ``episode_idx [M]``, step ``step [M]``) of each env."""
@@ -165,7 +167,7 @@ class EpisodicMemory:
         if starting.any():  # an episode that starts in a slot leaves nothing of the one before
             self.storage["token"][envs[starting], slots[starting]] = 0.0
         self.storage["token"][envs, slots, step] = token
-        self.lengths[envs, slots] = step + 1
+        self.steps_written[envs, slots] = step + 1
 
     def sample_past_windows(self, episode_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Choose one window per past episode for envs starting episode ``episode_idx [n]``.
@@ -179,13 +181,13 @@ class EpisodicMemory:
         ids, valid = past_episode_ids(episode_idx, num_past)
         slots = ids % self.num_episodes
         envs = torch.arange(self.num_envs, device=ids.device).unsqueeze(-1)
-        lengths = self.lengths[envs, slots]  # [M, N-1]
+        written = self.steps_written[envs, slots]  # [M, N-1]
         if self.past_windows == "max_reward":
             rewards = self.storage["token"][envs, slots, :, REWARD_ENTRY]  # [M, N-1, L]
-            starts = max_reward_window_starts(rewards, self.window, lengths)
+            starts = max_reward_window_starts(rewards, self.window, written)
         else:
             starts = sample_window_starts(ids.shape, self.episode_length, self.window, self.generator).to(ids.device)
-            starts = torch.minimum(starts, (lengths - self.window).clamp_min(0))  # within shorter episodes
+            starts = torch.minimum(starts, (written - self.window).clamp_min(0))  # within shorter episodes
         starts = starts * valid
         windows = gather_windows(self.storage["token"], slots, starts, self.window)
         return starts, valid, windows

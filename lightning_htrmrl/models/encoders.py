@@ -82,24 +82,24 @@ class ContextEncoder(nn.Module, abc.ABC):
         """
         return self.encode_past(self.input_norm(past_windows), past_valid)
 
-    def context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    def context(self, cache: TensorDict, current: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
         """Context ``z [M, context_dim]`` from the cache and the current window of raw tokens
-        ``[M, T, D]`` whose first ``length [M]`` tokens are valid."""
-        return self.encode_context(cache, self.input_norm(window), length)
+        ``[M, T, D]`` whose first ``num_valid [M]`` tokens are valid."""
+        return self.encode_context(cache, self.input_norm(current), num_valid)
 
     @abc.abstractmethod
     def encode_past(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
         """:meth:`begin_episode` on normalised tokens."""
 
     @abc.abstractmethod
-    def encode_context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    def encode_context(self, cache: TensorDict, current: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
         """:meth:`context` on normalised tokens."""
 
     def step(
-        self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor, observation: torch.Tensor
+        self, cache: TensorDict, current: torch.Tensor, num_valid: torch.Tensor, observation: torch.Tensor
     ) -> torch.Tensor:
         """Features ``[M, out_features]`` for one step of ``M`` envs (raw tokens and state)."""
-        z = self.context(cache, window, length)
+        z = self.context(cache, current, num_valid)
         if self.state_embedding is None:
             return z
         return torch.cat([z, self.state_embedding(self.input_norm.observation(observation))], dim=-1)
@@ -125,9 +125,9 @@ class ContextEncoder(nn.Module, abc.ABC):
         episodes, length = tokens.shape[:2]
         cache = self.begin_episode(past_windows, past_valid)
         step = torch.arange(length, device=tokens.device).expand(episodes, length)
-        windows, lengths = current_windows(tokens, step, self.window)
+        windows, num_valid = current_windows(tokens, step, self.window)
         cache = cache.unsqueeze(1).expand(episodes, length).reshape(-1)
-        features = self.step(cache, windows.flatten(0, 1), lengths.flatten(), observation.flatten(0, 1))
+        features = self.step(cache, windows.flatten(0, 1), num_valid.flatten(), observation.flatten(0, 1))
         return features.view(episodes, length, -1)
 
     def context_at(
@@ -136,12 +136,12 @@ class ContextEncoder(nn.Module, abc.ABC):
         """The context ``z [E, context_dim]`` the policy formed at step ``step [E]`` of ``E`` episodes
         (tokens ``[E, L, D]``, past windows ``[E, N-1, T, D]`` and ``past_valid [E, N-1]``)."""
         cache = self.begin_episode(past_windows, past_valid)
-        window, length = current_windows(tokens, step, self.window)
-        return self.context(cache, window, length)
+        current, num_valid = current_windows(tokens, step, self.window)
+        return self.context(cache, current, num_valid)
 
 
-def _window_valid(length: torch.Tensor, window: int) -> torch.Tensor:
-    return torch.arange(window, device=length.device) < length.unsqueeze(-1)
+def _window_valid(num_valid: torch.Tensor, window: int) -> torch.Tensor:
+    return torch.arange(window, device=num_valid.device) < num_valid.unsqueeze(-1)
 
 
 class HierarchicalEncoder(ContextEncoder):
@@ -193,9 +193,9 @@ class HierarchicalEncoder(ContextEncoder):
     def context_dim(self) -> int:
         return self.d_model
 
-    def encode_windows(self, windows: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        """T1: ``windows [B, T, D]`` with ``length [B]`` valid tokens -> ``[B, d_model]``."""
-        return self.intra(windows, _window_valid(length, self.window), length - 1)
+    def encode_windows(self, windows: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
+        """T1: ``windows [B, T, D]`` with ``num_valid [B]`` valid tokens -> ``[B, d_model]``."""
+        return self.intra(windows, _window_valid(num_valid, self.window), num_valid - 1)
 
     def encode_past(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
         envs, num_past = past_valid.shape
@@ -215,8 +215,8 @@ class HierarchicalEncoder(ContextEncoder):
         weights = valid.unsqueeze(-1).to(mixed.dtype)
         return (mixed * weights).sum(1) / weights.sum(1)
 
-    def encode_context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-        current = self.encode_windows(window, length)
+    def encode_context(self, cache: TensorDict, current: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
+        current = self.encode_windows(current, num_valid)
         episodes = torch.cat([cache["past_encoding"], current.unsqueeze(1)], dim=1)
         current_valid = torch.ones(len(current), 1, dtype=torch.bool, device=current.device)
         valid = torch.cat([cache["past_valid"], current_valid], dim=1)
@@ -271,12 +271,12 @@ class FlatTransformerEncoder(ContextEncoder):
     def encode_past(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
         return TensorDict({"past_windows": past_windows, "past_valid": past_valid}, batch_size=[len(past_valid)])
 
-    def encode_context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    def encode_context(self, cache: TensorDict, current: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
         past = cache["past_windows"].flatten(1, 2)
         past_valid = cache["past_valid"].repeat_interleave(self.window, dim=1)
-        tokens = torch.cat([past, window], dim=1)
-        valid = torch.cat([past_valid, _window_valid(length, self.window)], dim=1)
-        return self.encoder(tokens, valid, past.shape[1] + length - 1)
+        tokens = torch.cat([past, current], dim=1)
+        valid = torch.cat([past_valid, _window_valid(num_valid, self.window)], dim=1)
+        return self.encoder(tokens, valid, past.shape[1] + num_valid - 1)
 
 
 class MLPEncoder(ContextEncoder):
@@ -296,6 +296,6 @@ class MLPEncoder(ContextEncoder):
     def encode_past(self, past_windows: torch.Tensor, past_valid: torch.Tensor) -> TensorDict:
         return TensorDict({}, batch_size=[len(past_valid)])
 
-    def encode_context(self, cache: TensorDict, window: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    def encode_context(self, cache: TensorDict, current: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
         # With T = 1 the window is the current token, whose first entries are s_t.
-        return window[:, 0, : self.obs_dim]
+        return current[:, 0, : self.obs_dim]

@@ -79,8 +79,8 @@ class EpisodicContext(TensorDictModuleBase):
             rows = episode_start.nonzero().squeeze(-1)
             self._cache[rows] = self.encoder.begin_episode(windows[rows], valid[rows])
             self._window_starts[rows] = starts[rows]
-        window, length = memory.current_window(episode_idx, step)
-        features = self.encoder.step(self._cache, window, length, td["observation"])
+        current, num_valid = memory.current_window(episode_idx, step)
+        features = self.encoder.step(self._cache, current, num_valid, td["observation"])
         tensordict.set("features", features.reshape(*batch_shape, -1))
         tensordict.set("window_starts", self._window_starts.clone().reshape(*batch_shape, -1))
         return tensordict
