@@ -6,6 +6,7 @@ moved to its device, with the model's collection policy (episodic memory + encod
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from collections.abc import Iterator
 from functools import partial
 
@@ -185,6 +186,10 @@ class MetaRLDataModule(LightningDataModule):
         )
         if self.num_collectors == 1:
             return Collector(self.env_factory()(), policy, **common)
+        # TorchRL starts its processes with the global start method; a policy on a GPU cannot reach
+        # forked processes (CUDA cannot be re-initialised after a fork), so they are spawned.
+        if mp.get_start_method(allow_none=True) != "spawn":
+            mp.set_start_method("spawn", force=True)
         env_fns = [self.env_factory(worker, in_own_process=True) for worker in range(self.num_collectors)]
         return Collector(
             env_fns,

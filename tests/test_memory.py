@@ -169,6 +169,9 @@ def test_no_leak_across_envs_or_trials(tiny, kind) -> None:
 def test_window_starts_uniform() -> None:
     L, T, N, num_envs = 8, 4, 3, 2000
     memory = EpisodicMemory(num_envs, N, L, T, token_dim=6, seed=0)
+    for episode in range(2):  # two whole past episodes
+        for step in range(L):
+            memory.write(torch.zeros(num_envs, 6), torch.full((num_envs,), episode), torch.full((num_envs,), step))
     episode_idx = torch.full((num_envs,), 2)
     starts, valid, windows = memory.sample_past_windows(episode_idx)
     assert starts.shape == (num_envs, N - 1) and windows.shape == (num_envs, N - 1, T, 6)
@@ -252,3 +255,25 @@ def test_max_reward_windows_keep_log_prob_parity(tiny, kind) -> None:
     assert starts.unique().numel() > 1, "dense rewards should peak at different steps"
     diff = (module.recompute_log_prob(batch).reshape(batch.shape) - batch["action_log_prob"]).abs().max()
     assert diff < 1e-5, f"log-prob parity broken: max abs diff {diff:.3g}"
+
+
+@pytest.mark.parametrize("past_windows", ["uniform", "max_reward"])
+def test_past_windows_stay_inside_episodes_shorter_than_the_memory(past_windows: str) -> None:
+    """Meta-World's own evaluation ends episodes on success: an episode of 5 steps in a memory of
+    L = 8 leaves nothing of the older episode that used its slot, and its window lies in its 5 steps."""
+    L, T, N, M, D = 8, 3, 2, 500, 6
+    memory = EpisodicMemory(M, N, L, T, token_dim=D, seed=0, past_windows=past_windows)
+    for episode, length in ((0, L), (1, L), (2, 5)):  # episode 2 reuses episode 0's slot
+        for step in range(length):
+            token = torch.full((M, D), 100.0 * (episode + 1) + step)
+            token[:, -2] = float(step == length - 1 and episode != 2) + float(episode == 2 and step == 3)
+            memory.write(token, torch.full((M,), episode), torch.full((M,), step))
+    stored = memory.storage["token"][:, 0]  # slot of episodes 0 and 2
+    assert (stored[:, 5:] == 0).all(), "steps of episode 0 beyond episode 2's length survived"
+    starts, valid, windows = memory.sample_past_windows(torch.full((M,), 3))
+    assert valid.all() and (starts <= 5 - T).all()
+    assert (windows[..., 0] >= 300).all(), "the window of episode 2 holds only its own steps"
+    if past_windows == "max_reward":
+        assert (starts == 3 - T + 1).all()  # ends at its best step (3)
+    else:
+        assert set(starts.flatten().tolist()) == {0, 1, 2}

@@ -12,8 +12,9 @@ from gymnasium.utils import seeding
 from tensordict import TensorDictBase
 from torchrl.envs.utils import check_env_specs
 
+from lightning_htrmrl.envs import MetaWorld, MetaWorldEnv
 from lightning_htrmrl.envs import metaworld as mw_module
-from lightning_htrmrl.validation import ConfigError, MetaWorld, MetaWorldEnv
+from lightning_htrmrl.validation import ConfigError
 
 L, K, M = 5, 3, 2
 

@@ -10,7 +10,8 @@ import torch
 from tensordict import TensorDictBase
 from torchrl.envs.utils import check_env_specs
 
-from lightning_htrmrl.validation import ConfigError, PointRobot, PointRobotEnv
+from lightning_htrmrl.envs import PointRobot, PointRobotEnv
+from lightning_htrmrl.validation import ConfigError
 
 
 def _scaled_random_policy(scale: float, seed: int = 0):

@@ -16,9 +16,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_htrmrl.callbacks import TaskEmbeddingTSNE
 from lightning_htrmrl.callbacks.tsne import FIGURE_TAG, episode_contexts
 from lightning_htrmrl.data import MetaRLDataModule
+from lightning_htrmrl.envs import PointRobot
 from lightning_htrmrl.models import HierarchicalEncoder, MLPEncoder
 from lightning_htrmrl.module import MetaPPO
-from lightning_htrmrl.validation import ConfigError, PointRobot
+from lightning_htrmrl.validation import ConfigError
 
 L, K, NUM_TRIALS = 10, 2, 6
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
