@@ -87,7 +87,7 @@ class MetaTestEvaluation(Callback):
         for key, value in (("num_trials", num_trials), ("num_envs", num_envs)):
             if value is not None and value < 1:
                 raise ConfigError(f"meta_test.{key} must be >= 1 or null, got {value}")
-        check_split(split)
+        check_split(split, "meta_test.split")
         if protocol not in ("trials", "metaworld"):
             raise ConfigError(f"meta_test.protocol must be 'trials' or 'metaworld', got {protocol!r}")
         if protocol == "metaworld" and split != "test":

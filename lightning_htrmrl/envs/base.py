@@ -69,6 +69,7 @@ class TaskDistribution(abc.ABC):
         }
 
 
-def check_split(split: str) -> None:
+def check_split(split: str, key: str = "split") -> None:
+    """Raise :class:`ConfigError` naming ``key`` unless ``split`` is ``train`` or ``test``."""
     if split not in SPLITS:
-        raise ConfigError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        raise ConfigError(f"{key} must be one of {list(SPLITS)}, got {split!r}")
