@@ -70,7 +70,10 @@ def test_official_protocol_measures_what_ours_measures(reach_checkpoint: Path, t
         assert theirs["return"] == pytest.approx(ours["return_per_episode"][1] / reward_scale, rel=1e-4)
 
 
-@pytest.mark.parametrize("encoder", ["hierarchical", "flat", "mlp"])
+SLOW = pytest.mark.slow  # the other encoders: CI runs them with -m slow
+
+
+@pytest.mark.parametrize("encoder", ["hierarchical", pytest.param("flat", marks=SLOW), pytest.param("mlp", marks=SLOW)])
 def test_every_encoder_on_episodes_longer_and_shorter_than_training(encoder: str) -> None:
     """Trained with L = 8; evaluated on episodes of up to 24 steps that end on success (sampled actions)."""
     module = make_module(ENCODER_FACTORIES[encoder], obs_dim=39, action_dim=4, past_windows="max_reward")
@@ -84,6 +87,7 @@ def test_every_encoder_on_episodes_longer_and_shorter_than_training(encoder: str
     assert torch.isfinite(torch.tensor(results["return"]))
 
 
+@pytest.mark.slow
 def test_ml10_held_out_classes() -> None:
     module = make_module(tiny_hierarchical(), obs_dim=39, action_dim=4)
     benchmark = MetaWorld("ML10", None, episode_length=8, episodes_per_trial=3)

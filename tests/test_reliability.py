@@ -113,7 +113,7 @@ ML1_TINY = [
 
 @pytest.mark.parametrize(
     ("sent", "to_group", "exit_code"),
-    [(signal.SIGINT, True, 1), (signal.SIGTERM, False, 143)],
+    [pytest.param(signal.SIGINT, True, 1, marks=pytest.mark.slow), (signal.SIGTERM, False, 143)],
     ids=["ctrl_c_to_the_process_group", "sigterm_to_the_main_process"],
 )
 def test_interrupt_with_collector_processes_exits_cleanly_and_resumes(
