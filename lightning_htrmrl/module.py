@@ -22,7 +22,7 @@ from typing import Callable, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDictReplayBuffer
 from torchrl.objectives import ClipPPOLoss
@@ -98,6 +98,10 @@ class MetaPPO(LightningModule):
         episodes_per_minibatch: episodes per gradient step.
         max_grad_norm: gradient-norm clip.
         optimizer: optimizer class and arguments (``lr`` must be > 0).
+        lr_scheduler: optional learning-rate schedule (a ``torch.optim.lr_scheduler`` class and
+            arguments), stepped once per PPO iteration (collected batch), e.g. ``LinearLR`` with
+            ``end_factor: 0`` and ``total_iters`` = epochs x ``data.iterations_per_epoch`` for
+            CleanRL-style annealing. ``None``: constant.
     """
 
     def __init__(
@@ -125,6 +129,7 @@ class MetaPPO(LightningModule):
         episodes_per_minibatch: int = 32,
         max_grad_norm: float = 0.5,
         optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         for key, value in (
@@ -139,7 +144,7 @@ class MetaPPO(LightningModule):
             raise ConfigError(f"model.past_windows must be one of {list(WINDOW_SELECTIONS)}, got {past_windows!r}")
         if not 0.0 <= gamma <= 1.0 or not 0.0 <= gae_lambda <= 1.0:
             raise ConfigError(f"model.gamma and model.gae_lambda must lie in [0, 1], got {gamma}, {gae_lambda}")
-        self.save_hyperparameters(ignore=["encoder", "optimizer"])
+        self.save_hyperparameters(ignore=["encoder", "optimizer", "lr_scheduler"])
         self.encoder = encoder(obs_dim, action_dim)
         if self.encoder.window > episode_length:
             raise ConfigError(
@@ -165,6 +170,7 @@ class MetaPPO(LightningModule):
         )
         self.advantage_module = GAE(gamma=gamma, lmbda=gae_lambda, value_network=None)
         self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
         check_learning_rate(optimizer)
         self.automatic_optimization = False
         self.register_buffer("frames", torch.zeros((), dtype=torch.long))
@@ -185,8 +191,11 @@ class MetaPPO(LightningModule):
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.parameters())
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
     def episode_records(self, trials: TensorDictBase) -> TensorDict:
         """``[B, K*L]`` trials -> ``[B*K]`` episode records (see :func:`~lightning_htrmrl.memory.episode_records`)."""
@@ -324,6 +333,10 @@ class MetaPPO(LightningModule):
         else:
             metrics.update(self.ppo_update(batch))
             self.check_finite(metrics)
+            metrics["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()  # manual optimization: Lightning leaves the stepping to us
             if self.hparams.normalize_inputs:
                 self.update_input_norm(batch)
         metrics.update(self.trial_metrics(batch, "meta_train"))

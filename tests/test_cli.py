@@ -104,6 +104,20 @@ def test_tiny_fit_writes_metrics(tmp_path: Path) -> None:
     assert list((tmp_path / "runs").rglob("*.ckpt")), "no checkpoint written"
 
 
+def test_lr_schedule_steps_once_per_ppo_iteration(tmp_path: Path) -> None:
+    # CleanRL-style linear annealing from the config; the first batch only initialises the input
+    # statistics, so the two PPO updates run at lr x 1 and x 3/4 of LinearLR(total_iters=4).
+    schedule = ["--model.lr_scheduler", "torch.optim.lr_scheduler.LinearLR",
+                "--model.lr_scheduler.start_factor", "1.0", "--model.lr_scheduler.end_factor", "0.0",
+                "--model.lr_scheduler.total_iters", "4"]  # fmt: skip
+    result, _ = run_cli(["fit", *CONFIGS, *TINY, "--data.iterations_per_epoch", "3", *schedule], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = (tmp_path / "runs").rglob("metrics.csv")
+    with metrics.open() as handle:
+        lrs = [float(row["train/lr"]) for row in csv.DictReader(handle) if row.get("train/lr")]
+    assert lrs == pytest.approx([1e-3, 0.75e-3])
+
+
 # ---------------------------------------------------------------------------------------------- bad inputs
 BAD_INPUTS = {  # name: (extra arguments, the key the error line must name)
     "unknown_option": (["--model.no_such_option", "3"], "model.no_such_option"),
