@@ -35,8 +35,17 @@ def confidence_half_width(values: torch.Tensor) -> torch.Tensor:
     return 1.96 * values.std() / values.numel() ** 0.5
 
 
+def fit_ends_this_epoch(trainer: Trainer) -> bool:
+    """Whether the epoch now ending is the fit's last: ``max_epochs`` reached, or a stop signalled
+    during it (``max_time`` is checked after every batch; early stopping). Both are the same on
+    every DDP process, so all of them evaluate or none does."""
+    last_epoch = trainer.max_epochs is not None and trainer.current_epoch + 1 == trainer.max_epochs
+    return bool(trainer.should_stop or last_epoch)
+
+
 class MetaTestEvaluation(Callback):
-    """Every ``every_n_epochs`` epochs, run ``num_trials`` trials of ``K`` episodes on ``split`` tasks.
+    """Every ``every_n_epochs`` epochs and after the fit's last epoch, run ``num_trials`` trials of
+    ``K`` episodes on ``split`` tasks.
 
     Memory is kept across the episodes of a trial and cleared between trials, exactly as in
     training. It also runs on ``htrmrl validate`` / ``htrmrl test`` (no training). After every
@@ -54,7 +63,8 @@ class MetaTestEvaluation(Callback):
     on the number of processes.
 
     Args:
-        every_n_epochs: evaluation period in training epochs.
+        every_n_epochs: evaluation period in training epochs; the last epoch (``max_epochs`` or a
+            stop such as ``max_time``) is always evaluated, so the final weights have a result.
         num_trials: trials per evaluation; ``None``: one per task of ``split``. Tasks are assigned
             in a fixed order, so the same tasks are evaluated every time and ``num_trials`` equal to
             the number of tasks covers each exactly once.
@@ -179,7 +189,7 @@ class MetaTestEvaluation(Callback):
         return metric.compute()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
+        if (trainer.current_epoch + 1) % self.every_n_epochs and not fit_ends_this_epoch(trainer):
             return
         self._run(trainer, pl_module)
 

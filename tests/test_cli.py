@@ -118,6 +118,28 @@ def test_lr_schedule_steps_once_per_ppo_iteration(tmp_path: Path) -> None:
     assert lrs == pytest.approx([1e-3, 0.75e-3])
 
 
+@pytest.mark.parametrize(
+    ("stop", "epochs"),
+    [(["--trainer.max_epochs", "3"], 3), (["--trainer.max_epochs", "-1", "--trainer.max_time", "00:00:00:02"], None)],
+    ids=["max_epochs", "max_time"],
+)
+def test_sparse_evaluation_still_evaluates_the_final_weights(tmp_path: Path, stop: list[str], epochs: int) -> None:
+    # every 2nd epoch, plus the last one however the fit ends; the best checkpoint monitors the
+    # evaluation and must survive the epochs without one
+    args = ["fit", *CONFIGS, *TINY, *stop, "--data.iterations_per_epoch", "3", "--meta_test.every_n_epochs", "2"]
+    result, _ = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (metrics,) = (tmp_path / "runs").rglob("metrics.csv")
+    with metrics.open() as handle:
+        rows = list(csv.DictReader(handle))
+    last = max(int(row["epoch"]) for row in rows if row.get("train/frames"))
+    assert epochs is None or last == epochs - 1
+    evaluated = [int(row["epoch"]) for row in rows if row.get("meta_test/success")]
+    assert evaluated == sorted({epoch for epoch in range(1, last + 1, 2)} | {last})
+    checkpoints = sorted(path.name for path in (tmp_path / "runs").rglob("*.ckpt"))
+    assert "last.ckpt" in checkpoints and any(name.startswith("best-epoch=") for name in checkpoints), checkpoints
+
+
 # ---------------------------------------------------------------------------------------------- bad inputs
 BAD_INPUTS = {  # name: (extra arguments, the key the error line must name)
     "unknown_option": (["--model.no_such_option", "3"], "model.no_such_option"),
