@@ -23,6 +23,8 @@ from typing import Callable, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDictReplayBuffer
 from torchrl.objectives import ClipPPOLoss
@@ -388,6 +390,12 @@ class MetaPPO(LightningModule):
         rng_state = checkpoint[CHECKPOINT_KEY].get("torch_rng_state")
         if rng_state is not None:
             torch.set_rng_state(rng_state)  # action sampling continues where it stopped
+        resuming = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if resuming and self.lr_scheduler_factory is not None and not checkpoint.get("lr_schedulers"):
+            rank_zero_info(
+                "note: ckpt_path: the checkpoint has no learning-rate schedule state (it trained at a constant "
+                "rate); model.lr_scheduler starts from its first step"
+            )
 
     def trial_metrics(self, trials: TensorDictBase, prefix: str) -> dict[str, torch.Tensor]:
         """Success and return per episode index of a batch of whole trials ``[B, K*L]``.

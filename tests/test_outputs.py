@@ -144,6 +144,8 @@ def test_checkpoint_written_by_an_earlier_version_resumes_and_evaluates(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = _run_dirs(tmp_path)
     assert _frames(run) == [160 + 4 * 2 * 10], "the resumed run did not continue the old frame count"
+    # it trained at a constant rate; the point-robot config now anneals: said, not silently restarted
+    assert "model.lr_scheduler starts from its first step" in result.stderr
     result, _ = run_cli(["validate", *CONFIGS, *TINY, "--ckpt_path", str(old)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     evaluated = json.loads((_run_dirs(tmp_path)[-1] / "meta_test.json").read_text())
