@@ -97,8 +97,16 @@ def resolved_config(command: list[str], cwd: Path) -> dict:
 
 
 def without_output_keys(config: dict) -> dict:
-    """The config without where the run writes its files (``trainer.logger``, ``default_root_dir``)."""
+    """The config without where and which files the run writes (``trainer.logger``,
+    ``default_root_dir``, the ``ModelCheckpoint`` callbacks)."""
     trainer = {key: value for key, value in config.get("trainer", {}).items() if key not in OUTPUT_KEYS}
+    callbacks = trainer.get("callbacks")
+    if isinstance(callbacks, list):
+        trainer["callbacks"] = [
+            c
+            for c in callbacks
+            if not (isinstance(c, dict) and str(c.get("class_path", "")).endswith("ModelCheckpoint"))
+        ]
     return {**config, "trainer": trainer}
 
 
