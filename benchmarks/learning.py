@@ -8,9 +8,16 @@ finished run, ``<out>/<variant>/seed<S>.json``. A result file that exists is not
 interrupted benchmark continues where it stopped; a file made with another resolved config is
 refused (use another ``--out``).
 
-Then, per variant: the final held-out success (last evaluation) as the mean over seeds with a
-Student-t 95 % confidence interval, the final success per episode index, and the first minute and
-frame count at which the seed-mean success reaches ``--target``. ``<out>/learning.json`` holds
+After training, the run's final weights (its ``last.ckpt``) are evaluated once more with
+``htrmrl validate`` on ``--final-repeats`` times the trials of one in-training evaluation (ML1: 3
+trials on each of the 50 held-out goals): one 50-trial evaluation moves by about +-0.05 on
+identical weights, as much as the effects to decide on. A result file without this final
+evaluation gets it when its run folder is still there (``--keep-runs``).
+
+Then, per variant: the final held-out success (the final evaluation where every seed has one,
+else the last in-training evaluation) as the mean over seeds with a Student-t 95 % confidence
+interval, the final success per episode index, and the first minute and frame count at which the
+seed-mean success of the in-training evaluations reaches ``--target``. ``<out>/learning.json`` holds
 the curves and the summary, ``<out>/learning.png`` held-out success vs frames and vs minutes (mean
 line, band = 95 % interval over seeds). The last stdout line is one JSON object.
 
@@ -195,6 +202,52 @@ def run_in_own_group(command: list[str], cwd: Path, log) -> int:
                 os.killpg(process.pid, signal.SIGKILL)
 
 
+def final_evaluation(run: Path, repeats: int, log) -> dict:
+    """Held-out success of a run's final weights: ``htrmrl validate`` of its ``last.ckpt`` with its own
+    config on ``repeats`` times the trials of its in-training evaluations (same tasks, same order)."""
+    trials = repeats * json.loads((run / "meta_test.json").read_text())["num_trials"]
+    out = run.parents[2] / "final_evaluation"
+    command = [sys.executable, "-m", "lightning_htrmrl", "validate", "--config", str(run / "config.yaml")]
+    command += ["--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--meta_test.num_trials", str(trials)]
+    command += ["--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false"]
+    returncode = run_in_own_group(command, run.parents[2], log)
+    if returncode != 0:
+        raise SystemExit(f"error: final evaluation of {run} failed (exit {returncode}); see {log.name}")
+    latest = max(out.glob("*/version_*"), key=lambda p: p.stat().st_mtime)
+    results = json.loads((latest / "meta_test.json").read_text())
+    keys = ("num_trials", "frames", "success", "success_ci95", "success_per_episode", "return_per_episode")
+    return {key: results[key] for key in keys}
+
+
+def checkpoint_frames(run: Path) -> int:
+    """The env frames trained on by the weights in a run's ``last.ckpt``."""
+    import torch
+
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return int(checkpoint["state_dict"]["frames"])
+
+
+def add_final_evaluation(result: dict, work: Path, repeats: int, result_file: Path) -> dict:
+    """Evaluate the final weights of a finished run (its folder under ``work``) and rewrite its result file."""
+    runs = sorted((work / "runs").glob("*/version_*"), key=lambda p: p.stat().st_mtime)
+    if not runs or not (runs[-1] / "checkpoints" / "last.ckpt").is_file():
+        return result
+    what = f"[learning] {result['variant']} seed {result['seed']}"
+    final_frames, saved_frames = result["evaluations"][-1]["frames"], checkpoint_frames(runs[-1])
+    if saved_frames != final_frames:  # e.g. runs from before last.ckpt was written every epoch
+        print(
+            f"{what}: no final evaluation: last.ckpt holds the weights at {saved_frames} frames, not the final "
+            f"ones at {final_frames}",
+            file=sys.stderr,
+        )
+        return result
+    print(f"{what}: final evaluation", file=sys.stderr, flush=True)
+    with (work / "final_evaluation.log").open("w") as log:
+        result = {**result, "final_evaluation": final_evaluation(runs[-1], repeats, log)}
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def run_one(name: str, command: list[str], config: dict, seed: int, work: Path, result_file: Path) -> dict:
     """Train one (variant, seed) and write its result file."""
     work.mkdir(parents=True, exist_ok=True)
@@ -239,8 +292,15 @@ def first_reaching(grid: np.ndarray, mean: np.ndarray, target: float) -> float |
 def summarize(name: str, results: list[dict], budget: dict, target: float) -> tuple[dict, dict]:
     """Per-variant summary and mean curves (vs frames and vs minutes)."""
     finals = [r["evaluations"][-1] for r in results]
-    success = [f["success"] for f in finals]
-    per_episode = np.array([f["success_per_episode"] for f in finals])
+    last_success = [f["success"] for f in finals]
+    # The final evaluation (more trials) decides where every seed has one; never a mix of both.
+    if all("final_evaluation" in r for r in results):
+        finals_decided = [r["final_evaluation"] for r in results]
+        final_source = f"final evaluation, {finals_decided[0]['num_trials']} trials"
+    else:
+        finals_decided, final_source = finals, "last in-training evaluation"
+    success = [f["success"] for f in finals_decided]
+    per_episode = np.array([f["success_per_episode"] for f in finals_decided])
     curves, reach = {}, {}
     for axis, top in (("frames", max(f["frames"] for f in finals)), ("minutes", max(f["minutes"] for f in finals))):
         grid = np.linspace(0.0, top, 200)
@@ -261,6 +321,8 @@ def summarize(name: str, results: list[dict], budget: dict, target: float) -> tu
         "final_success_ci95": t_half_width(success),
         "final_success_per_seed": success,
         "final_success_per_episode": per_episode.mean(0).round(4).tolist(),
+        "final_success_from": final_source,
+        "last_evaluation_success_per_seed": last_success,
         # less noisy than one evaluation: each seed's mean over its last 3 evaluations
         "late_success_mean": float(np.mean([np.mean([e["success"] for e in r["evaluations"][-3:]]) for r in results])),
         "final_frames_mean": float(np.mean([f["frames"] for f in finals])),
@@ -327,6 +389,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/...)")
     parser.add_argument("--work", type=Path, default=REPO / "runs_learning", help="where run folders go")
     parser.add_argument(
+        "--final-repeats",
+        type=int,
+        default=3,
+        help="evaluate each run's final weights on this many times the trials of one evaluation (0: off)",
+    )
+    parser.add_argument(
         "--set",
         nargs="+",
         action="extend",
@@ -342,6 +410,8 @@ def main() -> None:
     if not (CONF / "benchmark" / f"{args.benchmark}.yaml").is_file():
         choices = sorted(p.stem for p in (CONF / "benchmark").glob("*.yaml"))
         raise SystemExit(f"error: --benchmark: unknown {args.benchmark!r}; choose one of {choices}")
+    if args.final_repeats < 0:
+        raise SystemExit(f"error: --final-repeats must be >= 0 (0: no final evaluation), got {args.final_repeats}")
     budget = {"minutes": args.minutes, "frames": args.frames}
     budget_name = f"{args.minutes:g}min" if args.minutes is not None else f"{args.frames}frames"
     out = args.out or REPO / "benchmarks" / "results" / "learning" / f"{args.benchmark}_{budget_name}"
@@ -363,7 +433,8 @@ def main() -> None:
             result_file = out / name / f"seed{seed}.json"
             if args.summarize_only and not result_file.is_file():
                 continue
-            if result_file.is_file():
+            trained = not result_file.is_file()
+            if not trained:
                 result = json.loads(result_file.read_text())
                 if not same_config(without_output_keys(result["config"]), without_output_keys(config)):
                     raise SystemExit(
@@ -373,8 +444,10 @@ def main() -> None:
             else:
                 shutil.rmtree(work / "runs", ignore_errors=True)
                 result = run_one(name, command, config, seed, work, result_file)
-                if not args.keep_runs:
-                    shutil.rmtree(work / "runs", ignore_errors=True)
+            if args.final_repeats > 0 and "final_evaluation" not in result and not args.summarize_only:
+                result = add_final_evaluation(result, work, args.final_repeats, result_file)
+            if trained and not args.keep_runs:
+                shutil.rmtree(work / "runs", ignore_errors=True)
             results.append(result)
         if not results:
             raise SystemExit(f"error: no result files for {name!r} in {out}")

@@ -39,22 +39,17 @@ def run_benchmark(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_learning_benchmark_writes_results_and_resumes(tmp_path: Path) -> None:
-    first = run_benchmark(tmp_path, "--seeds", "0", "1")
+    out, work = tmp_path / "out", tmp_path / "work" / "out" / "htrmrl"
+    first = run_benchmark(tmp_path, "--seeds", "0", "--final-repeats", "0", "--keep-runs")
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads(first.stdout.strip().splitlines()[-1])
     (variant,) = summary["variants"]
     for key in ("variant", "seeds", "budget", "final_success_mean", "final_success_ci95", "minutes_to_0.8"):
         assert key in variant, f"{key} missing from the JSON line"
-    assert variant["seeds"] == [0, 1] and variant["budget"]["frames"] == 3 * FRAMES_PER_EPOCH
-    assert 0.0 <= variant["final_success_mean"] <= 1.0 and variant["final_success_ci95"] >= 0.0
+    assert variant["seeds"] == [0] and variant["budget"]["frames"] == 3 * FRAMES_PER_EPOCH
+    assert variant["final_success_from"] == "last in-training evaluation"
     assert variant["final_frames_mean"] == 3 * FRAMES_PER_EPOCH
-    assert len(variant["final_success_per_episode"]) == 2
     assert "machine" in summary
-
-    out = tmp_path / "out"
-    report = json.loads((out / "learning.json").read_text())
-    assert set(report["curves"]["htrmrl"]) == {"frames", "minutes"}
-    assert (out / "learning.png").stat().st_size > 0
     result = json.loads((out / "htrmrl" / "seed0.json").read_text())
     evaluations = result["evaluations"]
     assert [e["frames"] for e in evaluations] == [FRAMES_PER_EPOCH * k for k in (1, 2, 3)]
@@ -62,22 +57,34 @@ def test_learning_benchmark_writes_results_and_resumes(tmp_path: Path) -> None:
     assert [e["minutes"] for e in evaluations] == sorted(e["minutes"] for e in evaluations)
     assert len(evaluations[-1]["success_per_episode"]) == 2
     assert result["config"]["seed_everything"] == 0 and result["config"]["data"]["seed"] == 0
-    assert json.loads((out / "htrmrl" / "seed1.json").read_text())["config"]["seed_everything"] == 1
+    assert "final_evaluation" not in result
 
-    # A finished run is not repeated: only the new seed trains.
-    before = (out / "htrmrl" / "seed0.json").stat().st_mtime_ns
-    second = run_benchmark(tmp_path, "--seeds", "0", "2")
+    # A finished run is not trained again; its kept run folder gives it the final evaluation
+    # (3 x the 4 trials of one evaluation, the final weights); the new seed trains and is evaluated.
+    second = run_benchmark(tmp_path, "--seeds", "0", "1")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "htrmrl seed 0: done before" in second.stderr
-    assert (out / "htrmrl" / "seed0.json").stat().st_mtime_ns == before
-    assert (out / "htrmrl" / "seed2.json").is_file()
-    assert json.loads(second.stdout.strip().splitlines()[-1])["variants"][0]["seeds"] == [0, 2]
+    for seed in (0, 1):
+        result = json.loads((out / "htrmrl" / f"seed{seed}.json").read_text())
+        assert result["config"]["seed_everything"] == seed
+        final = result["final_evaluation"]
+        assert final["num_trials"] == 12 and final["frames"] == 3 * FRAMES_PER_EPOCH
+        assert 0.0 <= final["success"] <= 1.0 and len(final["success_per_episode"]) == 2
+    assert json.loads((out / "htrmrl" / "seed0.json").read_text())["evaluations"] == evaluations
+    assert (work / "seed0" / "runs").is_dir() and not (work / "seed1" / "runs").exists()
+    (variant,) = json.loads(second.stdout.strip().splitlines()[-1])["variants"]
+    assert variant["seeds"] == [0, 1] and variant["final_success_from"] == "final evaluation, 12 trials"
+    assert 0.0 <= variant["final_success_mean"] <= 1.0 and variant["final_success_ci95"] >= 0.0
+    assert len(variant["final_success_per_episode"]) == 2
+    report = json.loads((out / "learning.json").read_text())
+    assert set(report["curves"]["htrmrl"]) == {"frames", "minutes"}
+    assert (out / "learning.png").stat().st_size > 0
 
     # Summarising trains nothing: the seeds with result files are summarised.
-    summary_only = run_benchmark(tmp_path, "--seeds", "0", "1", "2", "3", "--summarize-only")
+    summary_only = run_benchmark(tmp_path, "--seeds", "0", "1", "2", "--summarize-only")
     assert summary_only.returncode == 0, summary_only.stderr[-3000:]
-    assert json.loads(summary_only.stdout.strip().splitlines()[-1])["variants"][0]["seeds"] == [0, 1, 2]
-    assert not (out / "htrmrl" / "seed3.json").exists()
+    assert json.loads(summary_only.stdout.strip().splitlines()[-1])["variants"][0]["seeds"] == [0, 1]
+    assert not (out / "htrmrl" / "seed2.json").exists()
 
     # Results made with another config are never mixed in.
     third = run_benchmark(tmp_path, "--seeds", "0", "--set", "model.ppo_epochs=2")
