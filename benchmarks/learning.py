@@ -202,6 +202,11 @@ def run_in_own_group(command: list[str], cwd: Path, log) -> int:
                 os.killpg(process.pid, signal.SIGKILL)
 
 
+def latest_run(root: Path) -> Path | None:
+    """The newest ``<root>/<name>/version_N`` folder a run wrote (None if there is none)."""
+    return max(root.glob("*/version_*"), key=lambda p: p.stat().st_mtime, default=None)
+
+
 def final_evaluation(run: Path, repeats: int, log) -> dict:
     """Held-out success of a run's final weights: ``htrmrl validate`` of its ``last.ckpt`` with its own
     config on ``repeats`` times the trials of its in-training evaluations (same tasks, same order)."""
@@ -213,8 +218,7 @@ def final_evaluation(run: Path, repeats: int, log) -> dict:
     returncode = run_in_own_group(command, run.parents[2], log)
     if returncode != 0:
         raise SystemExit(f"error: final evaluation of {run} failed (exit {returncode}); see {log.name}")
-    latest = max(out.glob("*/version_*"), key=lambda p: p.stat().st_mtime)
-    results = json.loads((latest / "meta_test.json").read_text())
+    results = json.loads((latest_run(out) / "meta_test.json").read_text())
     keys = ("num_trials", "frames", "success", "success_ci95", "success_per_episode", "return_per_episode")
     return {key: results[key] for key in keys}
 
@@ -229,11 +233,11 @@ def checkpoint_frames(run: Path) -> int:
 
 def add_final_evaluation(result: dict, work: Path, repeats: int, result_file: Path) -> dict:
     """Evaluate the final weights of a finished run (its folder under ``work``) and rewrite its result file."""
-    runs = sorted((work / "runs").glob("*/version_*"), key=lambda p: p.stat().st_mtime)
-    if not runs or not (runs[-1] / "checkpoints" / "last.ckpt").is_file():
+    run = latest_run(work / "runs")
+    if run is None or not (run / "checkpoints" / "last.ckpt").is_file():
         return result
     what = f"[learning] {result['variant']} seed {result['seed']}"
-    final_frames, saved_frames = result["evaluations"][-1]["frames"], checkpoint_frames(runs[-1])
+    final_frames, saved_frames = result["evaluations"][-1]["frames"], checkpoint_frames(run)
     if saved_frames != final_frames:  # e.g. runs from before last.ckpt was written every epoch
         print(
             f"{what}: no final evaluation: last.ckpt holds the weights at {saved_frames} frames, not the final "
@@ -243,7 +247,7 @@ def add_final_evaluation(result: dict, work: Path, repeats: int, result_file: Pa
         return result
     print(f"{what}: final evaluation", file=sys.stderr, flush=True)
     with (work / "final_evaluation.log").open("w") as log:
-        result = {**result, "final_evaluation": final_evaluation(runs[-1], repeats, log)}
+        result = {**result, "final_evaluation": final_evaluation(run, repeats, log)}
     result_file.write_text(json.dumps(result, indent=1))
     return result
 
@@ -257,8 +261,7 @@ def run_one(name: str, command: list[str], config: dict, seed: int, work: Path, 
         returncode = run_in_own_group(command, work, handle)
     if returncode != 0:
         raise SystemExit(f"error: {name} seed {seed} failed (exit {returncode}); see {log}")
-    runs = sorted((work / "runs").glob("*/version_*"), key=lambda p: p.stat().st_mtime)
-    curve = read_curve(runs[-1])
+    curve = read_curve(latest_run(work / "runs"))
     if not curve["evaluations"]:
         raise SystemExit(f"error: {name} seed {seed} logged no held-out evaluation; see {log}")
     result = {"variant": name, "seed": seed, "command": command[2:], "config": config, **curve}
