@@ -264,7 +264,9 @@ def run_one(name: str, command: list[str], config: dict, seed: int, work: Path, 
     curve = read_curve(latest_run(work / "runs"))
     if not curve["evaluations"]:
         raise SystemExit(f"error: {name} seed {seed} logged no held-out evaluation; see {log}")
-    result = {"variant": name, "seed": seed, "command": command[2:], "config": config, **curve}
+    # The command as run from the repository root, so result files read the same on every machine.
+    portable = [part.removeprefix(f"{REPO}/") for part in command[2:]]
+    result = {"variant": name, "seed": seed, "command": portable, "config": config, **curve}
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=1))
     return result

@@ -57,6 +57,7 @@ def test_learning_benchmark_writes_results_and_resumes(tmp_path: Path) -> None:
     assert [e["minutes"] for e in evaluations] == sorted(e["minutes"] for e in evaluations)
     assert len(evaluations[-1]["success_per_episode"]) == 2
     assert result["config"]["seed_everything"] == 0 and result["config"]["data"]["seed"] == 0
+    assert result["command"][:4] == ["lightning_htrmrl", "fit", "--config", "conf/base.yaml"]  # repository-relative
     assert "final_evaluation" not in result
 
     # A finished run is not trained again; its kept run folder gives it the final evaluation
