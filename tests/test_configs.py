@@ -51,7 +51,7 @@ def test_shipped_lr_schedules_end_with_the_run(capsys) -> None:
         if config["model"]["lr_scheduler"] is not None:
             iterations = config["trainer"]["max_epochs"] * config["data"]["iterations_per_epoch"]
             schedules[benchmark] = (config["model"]["lr_scheduler"]["init_args"]["total_iters"], iterations)
-    assert {"ml1_reach", "point_robot"} <= set(schedules)
+    assert {"ml1_reach", "ml1_push", "ml1_pick_place", "point_robot"} <= set(schedules)
     assert all(total == iterations for total, iterations in schedules.values()), schedules
 
 
