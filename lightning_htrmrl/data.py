@@ -175,19 +175,19 @@ class MetaRLDataModule(LightningDataModule):
         batches), each with its own slots and seeds; the policy's weights are sent to them by
         ``update_policy_weights_()`` before every batch. This process keeps its torch threads
         (TorchRL would cut them to cores minus workers): the workers wait while it trains.
+
+        Collector processes run the policy on the CPU and return CPU batches (Lightning moves them to
+        the model's ``device``): TorchRL keeps a CPU copy of the weights in shared memory, which
+        ``update_policy_weights_()`` refreshes from the model, so no process but this one touches a GPU.
+        A policy stepping a few dozen envs gains nothing from a GPU, and each process would pay for its
+        own CUDA context. With one collector the policy runs here, on ``device``.
         """
-        common = dict(
-            frames_per_batch=self.frames_per_batch,
-            total_frames=-1,
-            policy_device=device,
-            env_device="cpu",
-            storing_device=device,
-            auto_register_policy_transforms=False,
-        )
+        common = dict(frames_per_batch=self.frames_per_batch, total_frames=-1, env_device="cpu",
+                      auto_register_policy_transforms=False)  # fmt: skip
         if self.num_collectors == 1:
-            return Collector(self.env_factory()(), policy, **common)
-        # TorchRL starts its processes with the global start method; a policy on a GPU cannot reach
-        # forked processes (CUDA cannot be re-initialised after a fork), so they are spawned.
+            return Collector(self.env_factory()(), policy, policy_device=device, storing_device=device, **common)
+        # TorchRL starts its processes with the global start method; forked processes cannot use CUDA
+        # (nor inherit a CUDA context safely), so they are spawned.
         if mp.get_start_method(allow_none=True) != "spawn":
             mp.set_start_method("spawn", force=True)
         env_fns = [self.env_factory(worker, in_own_process=True) for worker in range(self.num_collectors)]
@@ -197,6 +197,8 @@ class MetaRLDataModule(LightningDataModule):
             num_collectors=self.num_collectors,
             sync=True,
             num_threads=torch.get_num_threads(),
+            policy_device="cpu",
+            storing_device="cpu",
             **common,
         )
 
