@@ -9,6 +9,7 @@ Every run gets a new ``version_N``: nothing a previous run wrote is reused or ov
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,6 +69,9 @@ def share_run_directory(loggers: object) -> None:
     if len({(str(a.save_dir), str(a.get("name", "lightning_logs"))) for a in args}) != 1:
         return
     root = Path(args[0].save_dir) / str(args[0].get("name", "lightning_logs"))
+    # The CSV logger finds the folder that the TensorBoard logger has just created and warns that
+    # earlier log files in it "will be deleted": the folder is always a new one (below), so none are.
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     versions = {a.get("version") for a in args}
     if len(versions) == 1 and None not in versions and not (root / str(versions.pop())).exists():
         return  # one explicit, unused version (e.g. a re-used config.yaml of a fresh run)

@@ -9,11 +9,15 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib.image
 import torch
+from jsonargparse import Namespace
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from lightning_htrmrl.runs import share_run_directory
 from tests.test_cli import CONFIGS, TINY, run_cli
 
 
@@ -57,6 +61,19 @@ def test_fit_writes_results_plot_and_checkpoint_metadata(tmp_path: Path) -> None
     assert meta["versions"]["torch"] and meta["versions"]["torchrl"]
     assert meta["benchmark"]["class"] == "PointRobot"
     assert "HierarchicalEncoder" in meta["config"]
+
+
+def test_file_loggers_share_one_new_folder_without_a_deletion_warning(tmp_path: Path) -> None:
+    (tmp_path / "htrmrl" / "version_0").mkdir(parents=True)  # an earlier run's folder
+    classes = (TensorBoardLogger, CSVLogger)
+    configs = [Namespace(init_args=Namespace(save_dir=str(tmp_path), name="htrmrl")) for _ in classes]
+    share_run_directory(configs)
+    assert [config.init_args.version for config in configs] == ["version_1", "version_1"]
+    with warnings.catch_warnings(record=True) as caught:
+        for cls, config in zip(classes, configs):
+            cls(**vars(config.init_args)).experiment  # creates (TensorBoard) or finds (CSV) the folder
+    assert not [w for w in caught if "will be deleted" in str(w.message)], [str(w.message) for w in caught]
+    assert (tmp_path / "htrmrl" / "version_1").is_dir()
 
 
 def test_validate_reproduces_results_from_a_checkpoint(tmp_path: Path) -> None:
