@@ -352,7 +352,7 @@ def plot(path: Path, curves: dict[str, dict], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, 2, figsize=(13, 4), layout="constrained")
     for axis, key, label in ((axes[0], "frames", "env frames"), (axes[1], "minutes", "wall-clock minutes")):
         for name, variant in curves.items():
             curve = variant[key]
@@ -363,9 +363,8 @@ def plot(path: Path, curves: dict[str, dict], title: str) -> None:
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("held-out success (mean over seeds)")
-    axes[0].legend(loc="upper left")
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside right center")  # off the curves
     figure.suptitle(title)
-    figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
