@@ -182,8 +182,12 @@ class MetaRLDataModule(LightningDataModule):
         A policy stepping a few dozen envs gains nothing from a GPU, and each process would pay for its
         own CUDA context. With one collector the policy runs here, on ``device``.
         """
-        common = dict(frames_per_batch=self.frames_per_batch, total_frames=-1, env_device="cpu",
-                      auto_register_policy_transforms=False)  # fmt: skip
+        common = dict(
+            frames_per_batch=self.frames_per_batch,
+            total_frames=-1,
+            env_device="cpu",
+            auto_register_policy_transforms=False,
+        )
         if self.num_collectors == 1:
             return Collector(self.env_factory()(), policy, policy_device=device, storing_device=device, **common)
         # TorchRL starts its processes with the global start method; forked processes cannot use CUDA
