@@ -106,7 +106,7 @@ def sample_window_starts(
 
 
 class EpisodicMemory:
-    """Per-env ring buffer (a TensorDict ``[M, N, L]``) of the tokens of the ``N`` latest episodes.
+    """Per-env ring buffer ``tokens [M, N, L, D]`` of the tokens of the ``N`` latest episodes.
 
     Episode ``j`` of a trial lives in slot ``j % N``. Slots of an env are zeroed when its trial
     starts, and a slot when an episode starts in it; nothing else is cleared between the episodes
@@ -143,31 +143,30 @@ class EpisodicMemory:
         self.num_episodes = num_episodes
         self.episode_length = episode_length
         self.window = window
-        self.storage = TensorDict(
-            {"token": torch.zeros(num_envs, num_episodes, episode_length, token_dim, device=device)},
-            batch_size=[num_envs, num_episodes, episode_length],
-        )
+        self.tokens = torch.zeros(num_envs, num_episodes, episode_length, token_dim, device=device)
         self.steps_written = torch.zeros(num_envs, num_episodes, dtype=torch.long, device=device)
         self.generator = torch.Generator().manual_seed(seed)
+        # Index tensors reused at every step (collection runs a few dozen envs: allocations show).
+        self._envs = torch.arange(num_envs, device=device)
+        self._window_offsets = torch.arange(window, device=device)
 
     @property
     def num_envs(self) -> int:
-        return self.storage.shape[0]
+        return self.tokens.shape[0]
 
     def clear(self, env_mask: torch.Tensor) -> None:
         """Forget every stored episode of the envs in ``env_mask [M]``."""
-        self.storage[env_mask] = 0.0
+        self.tokens[env_mask] = 0.0
         self.steps_written[env_mask] = 0
 
     def write(self, token: torch.Tensor, episode_idx: torch.Tensor, step: torch.Tensor) -> None:
         """Store ``token [M, D]`` at (episode ``episode_idx [M]``, step ``step [M]``) of each env."""
-        envs = torch.arange(self.num_envs, device=token.device)
         slots = episode_idx % self.num_episodes
         starting = step == 0
         if starting.any():  # an episode that starts in a slot leaves nothing of the one before
-            self.storage["token"][envs[starting], slots[starting]] = 0.0
-        self.storage["token"][envs, slots, step] = token
-        self.steps_written[envs, slots] = step + 1
+            self.tokens[self._envs[starting], slots[starting]] = 0.0
+        self.tokens[self._envs, slots, step] = token
+        self.steps_written[self._envs, slots] = step + 1
 
     def sample_past_windows(self, episode_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Choose one window per past episode for envs starting episode ``episode_idx [n]``.
@@ -180,23 +179,28 @@ class EpisodicMemory:
         num_past = self.num_episodes - 1
         ids, valid = past_episode_ids(episode_idx, num_past)
         slots = ids % self.num_episodes
-        envs = torch.arange(self.num_envs, device=ids.device).unsqueeze(-1)
+        envs = self._envs.unsqueeze(-1)
         written = self.steps_written[envs, slots]  # [M, N-1]
         if self.past_windows == "max_reward":
-            rewards = self.storage["token"][envs, slots, :, REWARD_ENTRY]  # [M, N-1, L]
+            rewards = self.tokens[envs, slots, :, REWARD_ENTRY]  # [M, N-1, L]
             starts = max_reward_window_starts(rewards, self.window, written)
         else:
             starts = sample_window_starts(ids.shape, self.episode_length, self.window, self.generator).to(ids.device)
             starts = torch.minimum(starts, (written - self.window).clamp_min(0))  # within shorter episodes
         starts = starts * valid
-        windows = gather_windows(self.storage["token"], slots, starts, self.window)
+        windows = gather_windows(self.tokens, slots, starts, self.window)
         return starts, valid, windows
 
     def current_window(self, episode_idx: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The current episode's last ``T`` tokens: ``window [M, T, D]``, ``length [M]``."""
-        envs = torch.arange(self.num_envs, device=step.device)
-        episode = self.storage["token"][envs, episode_idx % self.num_episodes]
-        return current_windows(episode, step, self.window)
+        """The current episode's last ``T`` tokens: ``window [M, T, D]``, ``length [M]``.
+
+        Same windows as :func:`current_windows`, gathered straight from the ring buffer (``T``
+        tokens per env, not the whole episode).
+        """
+        start = (step - self.window + 1).clamp_min(0)
+        steps = start.unsqueeze(-1) + self._window_offsets
+        slots = (episode_idx % self.num_episodes).unsqueeze(-1)
+        return self.tokens[self._envs.unsqueeze(-1), slots, steps], step - start + 1
 
 
 def episode_records(trials: TensorDictBase, num_episodes: int, window: int, episode_length: int) -> TensorDict:

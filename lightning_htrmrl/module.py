@@ -29,6 +29,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDictReplayBuffer
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
+from torchrl.objectives.value.functional import reward2go
 
 from lightning_htrmrl.memory import WINDOW_SELECTIONS, WindowSelection, episode_records
 from lightning_htrmrl.models import ContextEncoder, HierarchicalEncoder, make_actor, make_critic, make_policy
@@ -41,6 +42,11 @@ from lightning_htrmrl.validation import ConfigError, require_positive
 EncoderFactory = Callable[[int, int], ContextEncoder]
 LOSS_KEYS = ("loss_objective", "loss_critic", "loss_entropy")
 DIAGNOSTIC_KEYS = ("entropy", "clip_fraction", "kl_approx", "explained_variance", "ESS")
+UPDATE_KEYS = (
+    "past_windows",
+    "past_valid",
+    *(("steps", key) for key in ("token", "observation", "action", "action_log_prob", "advantage", "value_target")),
+)
 
 
 def check_learning_rate(optimizer: OptimizerCallable) -> None:
@@ -58,16 +64,6 @@ def check_learning_rate(optimizer: OptimizerCallable) -> None:
 
 class NonFiniteError(RuntimeError):
     """A loss or the weights became NaN or infinite: training stops before anything is saved."""
-
-
-def discounted_returns(reward: torch.Tensor, done: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Discounted return from every step to the next ``done``: ``[B, S, 1]`` -> ``[B, S, 1]``."""
-    returns = torch.zeros_like(reward)
-    running = torch.zeros_like(reward[:, 0])
-    for t in range(reward.shape[1] - 1, -1, -1):
-        running = reward[:, t] + gamma * running * (~done[:, t]).to(reward.dtype)
-        returns[:, t] = running
-    return returns
 
 
 class MetaPPO(LightningModule):
@@ -232,7 +228,7 @@ class MetaPPO(LightningModule):
         next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
         reward = trials["next", "reward"]
         if self.hparams.normalize_rewards:
-            returns = discounted_returns(reward, done, self.hparams.gamma)
+            returns = reward2go(reward, done, self.hparams.gamma, time_dim=-2)
             # Every process normalises with the same statistics (those of all processes' returns).
             self.return_stats.update(self.all_gather(returns) if self._world_size > 1 else returns)
             reward = reward / self.return_stats.std
@@ -277,7 +273,8 @@ class MetaPPO(LightningModule):
         """GAE, then ``ppo_epochs`` passes over minibatches of episodes; returns the mean losses."""
         optimizer = self.optimizers()
         self.estimate_advantage(batch)
-        records = self.episode_records(batch)
+        # The buffer holds what the minibatches read: the encoder's inputs and the loss's keys.
+        records = self.episode_records(batch).select(*UPDATE_KEYS)
         buffer = self._episode_buffer(len(records))
         buffer.extend(records)
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))

@@ -61,7 +61,7 @@ def test_memory_kept_across_episodes_and_cleared_at_trial_start(tiny, monkeypatc
     tokens = td["token"]
 
     # The ring buffer holds the N latest episodes of the trial: episode j lives in slot j % N.
-    storage = context.memory.storage["token"]
+    storage = context.memory.tokens
     assert storage.shape == (M, N, L, tokens.shape[-1])
     for j in range(K - N, K):
         assert torch.equal(storage[:, j % N], tokens[:, j * L : (j + 1) * L]), f"episode {j} missing from memory"
@@ -90,7 +90,7 @@ def test_memory_kept_across_episodes_and_cleared_at_trial_start(tiny, monkeypatc
     assert td["next", "done"][:, -1].all()
     td2 = policy(env.reset())
     assert (td2["episode_idx"] == 0).all() and (td2["step_in_episode"] == 0).all()
-    storage = context.memory.storage["token"]
+    storage = context.memory.tokens
     new_token = td2["token"]
     assert torch.equal(storage[:, 0, 0], new_token)
     rest = storage.clone()
@@ -268,7 +268,7 @@ def test_past_windows_stay_inside_episodes_shorter_than_the_memory(past_windows:
             token = torch.full((M, D), 100.0 * (episode + 1) + step)
             token[:, -2] = float(step == length - 1 and episode != 2) + float(episode == 2 and step == 3)
             memory.write(token, torch.full((M,), episode), torch.full((M,), step))
-    stored = memory.storage["token"][:, 0]  # slot of episodes 0 and 2
+    stored = memory.tokens[:, 0]  # slot of episodes 0 and 2
     assert (stored[:, 5:] == 0).all(), "steps of episode 0 beyond episode 2's length survived"
     starts, valid, windows = memory.sample_past_windows(torch.full((M,), 3))
     assert valid.all() and (starts <= 5 - T).all()

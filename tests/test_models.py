@@ -269,3 +269,40 @@ def test_single_episode_memory_works(factory) -> None:
         tokens, tokens[..., :2], torch.zeros(2, 0, 3, encoder.token_dim), torch.zeros(2, 0, dtype=torch.bool)
     )
     assert features.shape == (2, 5, encoder.out_features) and torch.isfinite(features).all()
+
+
+@pytest.mark.parametrize("kind", ["hierarchical", "hierarchical_n3", "flat", "mlp"])
+def test_whole_episode_update_path_equals_the_per_window_path(tiny, kind) -> None:
+    """The update's whole-episode encoder (each token normalised and embedded once, windows gathered
+    from the embeddings) gives the per-window path's features, PPO losses and gradients (the path
+    collection takes step by step: ``ContextEncoder.episode_contexts``) on the same batch."""
+    from lightning_htrmrl.models.encoders import ContextEncoder
+
+    module = tiny.make_module(tiny.encoders[kind])
+    env = tiny.point_robot().make_env("train", num_envs=tiny.M, seed=4)
+    batch = tiny.collect(env, module.make_policy(seed=1), trials_per_env=2)
+    module.encoder.input_norm.update(batch["token"])  # a real normalisation, not the identity
+    module.estimate_advantage(batch)
+    records = module.episode_records(batch)
+    encoder, steps = module.encoder, records["steps"]
+
+    def per_window(tokens, observation, past_windows, past_valid):
+        cache = encoder.begin_episode(past_windows, past_valid)
+        z = ContextEncoder.episode_contexts(encoder, cache, encoder.input_norm(tokens))
+        return encoder.state_features(z, observation)
+
+    results = {}
+    for name, path in (("whole_episode", encoder), ("per_window", per_window)):
+        module.zero_grad()
+        features = path(steps["token"], steps["observation"], records["past_windows"], records["past_valid"])
+        losses = module.loss_module(steps.clone(False).set("features", features))
+        sum(losses[key] for key in ("loss_objective", "loss_critic")).backward()
+        grads = [p.grad.clone() for p in module.parameters() if p.grad is not None]
+        results[name] = (features.detach(), {key: losses[key].detach() for key in losses.keys()}, grads)
+    (features, losses, grads), (ref_features, ref_losses, ref_grads) = results["whole_episode"], results["per_window"]
+    torch.testing.assert_close(features, ref_features, rtol=0, atol=1e-5)
+    for key, value in ref_losses.items():
+        torch.testing.assert_close(losses[key], value, rtol=0, atol=1e-5, msg=key)
+    assert len(grads) == len(ref_grads) > 0
+    for grad, ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5)

@@ -99,7 +99,10 @@ class ContextEncoder(nn.Module, abc.ABC):
         self, cache: TensorDict, current: torch.Tensor, num_valid: torch.Tensor, observation: torch.Tensor
     ) -> torch.Tensor:
         """Features ``[M, out_features]`` for one step of ``M`` envs (raw tokens and state)."""
-        z = self.context(cache, current, num_valid)
+        return self.state_features(self.context(cache, current, num_valid), observation)
+
+    def state_features(self, z: torch.Tensor, observation: torch.Tensor) -> torch.Tensor:
+        """``[z, phi2(s)]`` from the context ``z [*, C]`` and the raw state ``[*, obs_dim]``."""
         if self.state_embedding is None:
             return z
         return torch.cat([z, self.state_embedding(self.input_norm.observation(observation))], dim=-1)
@@ -122,13 +125,22 @@ class ContextEncoder(nn.Module, abc.ABC):
         Returns:
             ``[E, L, out_features]``.
         """
-        episodes, length = tokens.shape[:2]
         cache = self.begin_episode(past_windows, past_valid)
+        return self.state_features(self.episode_contexts(cache, self.input_norm(tokens)), observation)
+
+    def episode_contexts(self, cache: TensorDict, tokens: torch.Tensor) -> torch.Tensor:
+        """The context at every step of ``E`` episodes, ``[E, L, C]``, from their normalised tokens
+        ``[E, L, D]`` and the cache ``[E]`` of :meth:`begin_episode`.
+
+        This is :meth:`encode_context` on the window of every step (what collection computes step by
+        step); encoders override it with an equal but cheaper whole-episode computation.
+        """
+        episodes, length = tokens.shape[:2]
         step = torch.arange(length, device=tokens.device).expand(episodes, length)
         windows, num_valid = current_windows(tokens, step, self.window)
         cache = cache.unsqueeze(1).expand(episodes, length).reshape(-1)
-        features = self.step(cache, windows.flatten(0, 1), num_valid.flatten(), observation.flatten(0, 1))
-        return features.view(episodes, length, -1)
+        z = self.encode_context(cache, windows.flatten(0, 1), num_valid.flatten())
+        return z.view(episodes, length, -1)
 
     def context_at(
         self, tokens: torch.Tensor, past_windows: torch.Tensor, past_valid: torch.Tensor, step: torch.Tensor
@@ -216,11 +228,28 @@ class HierarchicalEncoder(ContextEncoder):
         return (mixed * weights).sum(1) / weights.sum(1)
 
     def encode_context(self, cache: TensorDict, current: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
-        current = self.encode_windows(current, num_valid)
+        return self.pool_with_past(cache, self.encode_windows(current, num_valid))
+
+    def pool_with_past(self, cache: TensorDict, current: torch.Tensor) -> torch.Tensor:
+        """T2 over the cached past encodings ``[B, N-1, d]`` and the current window's ``[B, d]``."""
         episodes = torch.cat([cache["past_encoding"], current.unsqueeze(1)], dim=1)
         current_valid = torch.ones(len(current), 1, dtype=torch.bool, device=current.device)
         valid = torch.cat([cache["past_valid"], current_valid], dim=1)
         return self.pool(episodes, valid)
+
+    def episode_contexts(self, cache: TensorDict, tokens: torch.Tensor) -> torch.Tensor:
+        # Each token is embedded once, then the window of every step is gathered from the
+        # embeddings (positions are added per window): T times less embedding work than embedding
+        # every window, and the same numbers.
+        episodes, length = tokens.shape[:2]
+        step = torch.arange(length, device=tokens.device).expand(episodes, length)
+        windows, num_valid = current_windows(self.intra.embed(tokens), step, self.window)
+        num_valid = num_valid.flatten()
+        current = self.intra.encode_embedded(
+            windows.flatten(0, 1), _window_valid(num_valid, self.window), num_valid - 1
+        )
+        cache = cache.unsqueeze(1).expand(episodes, length).reshape(-1)
+        return self.pool_with_past(cache, current).view(episodes, length, -1)
 
 
 class FlatTransformerEncoder(ContextEncoder):
@@ -278,6 +307,23 @@ class FlatTransformerEncoder(ContextEncoder):
         valid = torch.cat([past_valid, _window_valid(num_valid, self.window)], dim=1)
         return self.encoder(tokens, valid, past.shape[1] + num_valid - 1)
 
+    def episode_contexts(self, cache: TensorDict, tokens: torch.Tensor) -> torch.Tensor:
+        # The embedding is per token: embed the episode's tokens and its past windows once, then
+        # gather every step's sequence from the embeddings (positions are added per sequence).
+        episodes, length = tokens.shape[:2]
+        step = torch.arange(length, device=tokens.device).expand(episodes, length)
+        windows, num_valid = current_windows(self.encoder.embed(tokens), step, self.window)  # [E, L, T, d]
+        past = self.encoder.embed(cache["past_windows"].flatten(1, 2))  # [E, (N-1) T, d]
+        num_past = past.shape[1]
+        past_valid = cache["past_valid"].repeat_interleave(self.window, dim=1)
+        sequences = torch.cat([past.unsqueeze(1).expand(-1, length, -1, -1), windows], dim=2)
+        valid = torch.cat(
+            [past_valid.unsqueeze(1).expand(-1, length, -1), _window_valid(num_valid, self.window)], dim=2
+        )
+        last = num_past + num_valid.flatten() - 1
+        z = self.encoder.encode_embedded(sequences.flatten(0, 1), valid.flatten(0, 1), last)
+        return z.view(episodes, length, -1)
+
 
 class MLPEncoder(ContextEncoder):
     """No memory: the heads see the current state only (the lower-bound baseline).
@@ -299,3 +345,6 @@ class MLPEncoder(ContextEncoder):
     def encode_context(self, cache: TensorDict, current: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
         # With T = 1 the window is the current token, whose first entries are s_t.
         return current[:, 0, : self.obs_dim]
+
+    def episode_contexts(self, cache: TensorDict, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[..., : self.obs_dim]

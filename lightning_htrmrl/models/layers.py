@@ -149,7 +149,12 @@ class SequenceEncoder(nn.Module):
         self.transformer = make_transformer(d_model, num_heads, num_layers, ff_dim)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        x = self.position(self.embed(tokens))
+        return self.encode_embedded(self.embed(tokens), valid, last)
+
+    def encode_embedded(self, embedded: torch.Tensor, valid: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` on tokens already embedded, ``[B, S, d_model]``: the embedding is per token,
+        so a token shared by several sequences can be embedded once and gathered."""
+        x = self.position(embedded)
         return run_transformer(self.transformer, x, attention_mask(valid, self.causal), query=last)
 
     def forward_reference(self, tokens: torch.Tensor, valid: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
