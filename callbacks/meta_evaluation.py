@@ -12,17 +12,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
+from tensordict import TensorDictBase
 from torchmetrics.aggregation import MeanMetric
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from lightning_htrmrl.envs.base import Split, check_split  # noqa: E402
-from lightning_htrmrl.envs.trial import TrialEnv  # noqa: E402
+from lightning_htrmrl.envs.evaluation import EvaluationTrials  # noqa: E402
 from lightning_htrmrl.metaworld_protocol import MetaWorldProtocol, check_metaworld_benchmark  # noqa: E402
 from lightning_htrmrl.metaworld_protocol import evaluate as metaworld_evaluate  # noqa: E402
 from lightning_htrmrl.runs import run_directory  # noqa: E402
-from lightning_htrmrl.trials import episode_outcomes, run_trials  # noqa: E402
+from lightning_htrmrl.trials import episode_outcomes  # noqa: E402
 from lightning_htrmrl.validation import ConfigError  # noqa: E402
 
 Protocol = Literal["trials", "metaworld"]
@@ -68,7 +70,11 @@ class MetaTestEvaluation(Callback):
         num_trials: trials per evaluation; ``None``: one per task of ``split``. Tasks are assigned
             in a fixed order, so the same tasks are evaluated every time and ``num_trials`` equal to
             the number of tasks covers each exactly once.
-        num_envs: env slots stepped as one batch (at most ``num_trials``); ``None``: ``data.num_envs``.
+        num_envs: env slots per worker process (at most its share of ``num_trials``); ``None``:
+            ``data.num_envs``.
+        num_workers: processes that step the envs (TorchRL ``ParallelEnv``, built at the first
+            evaluation and kept): the simulator runs on every core while the policy runs in the
+            trainer on all their slots at once. 1: the envs run in the trainer process.
         split: ``test`` (held-out tasks) or ``train``.
         deterministic: act with the distribution's mean instead of sampling (default: sample, as
             exploration in early episodes is part of in-context adaptation).
@@ -86,6 +92,7 @@ class MetaTestEvaluation(Callback):
         every_n_epochs: int = 1,
         num_trials: int | None = None,
         num_envs: int | None = None,
+        num_workers: int = 1,
         split: Split = "test",
         deterministic: bool = False,
         seed: int = 12345,
@@ -97,6 +104,8 @@ class MetaTestEvaluation(Callback):
         for key, value in (("num_trials", num_trials), ("num_envs", num_envs)):
             if value is not None and value < 1:
                 raise ConfigError(f"meta_test.{key} must be >= 1 or null, got {value}")
+        if num_workers < 1:
+            raise ConfigError(f"meta_test.num_workers must be >= 1, got {num_workers}")
         check_split(split, "meta_test.split")
         if protocol not in ("trials", "metaworld"):
             raise ConfigError(f"meta_test.protocol must be 'trials' or 'metaworld', got {protocol!r}")
@@ -107,53 +116,64 @@ class MetaTestEvaluation(Callback):
         self.every_n_epochs = every_n_epochs
         self.num_trials = num_trials
         self.num_envs = num_envs
+        self.num_workers = num_workers
         self.split = split
         self.deterministic = deterministic
         self.seed = seed
         self.prefix = "meta_test" if split == "test" else "meta_train_eval"
-        self._env: TrialEnv | None = None
+        self._trials: EvaluationTrials | None = None
+        self.latest_rollout: TensorDictBase | None = None  # this process's trials of the latest evaluation
         self.last_results: dict[str, float] = {}
         self._per_task: dict[str, dict] = {}
         self._official: dict = {}  # the latest Meta-World protocol results
 
-    def _trials(self, trainer: Trainer) -> int:
+    def _num_trials(self, trainer: Trainer) -> int:
         return self.num_trials or len(trainer.datamodule.benchmark.task_names(self.split))
 
-    def _get_env(self, trainer: Trainer, pl_module: LightningModule) -> TrialEnv:
-        if self._env is None:
+    def _get_trials(self, trainer: Trainer, pl_module: LightningModule) -> EvaluationTrials:
+        if self._trials is None:
             datamodule = trainer.datamodule
-            num_envs = min(self.num_envs or datamodule.num_envs, self._trials(trainer))
-            self._env = datamodule.benchmark.make_env(
-                self.split, num_envs, seed=self.seed, cycle_tasks=True, device=pl_module.device
+            self._trials = EvaluationTrials(
+                datamodule.benchmark,
+                self.split,
+                self._num_trials(trainer),
+                self.num_envs or datamodule.num_envs,
+                self.seed,
+                trainer.global_rank,
+                trainer.world_size,
+                self.num_workers,
+                pl_module.device,
             )
-        return self._env
+        return self._trials
 
     @torch.no_grad()
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
         """Run the trials and return the synced metrics."""
-        env = self._get_env(trainer, pl_module)
-        env.set_seed(self.seed)
-        env.set_shard(trainer.global_rank, trainer.world_size)
+        trials = self._get_trials(trainer, pl_module)
         policy = pl_module.make_policy(seed=self.seed)
         exploration = ExplorationType.DETERMINISTIC if self.deterministic else ExplorationType.RANDOM
-        k = env.episodes_per_trial
+        k, length = trainer.datamodule.episodes_per_trial, trainer.datamodule.episode_length
         # Under DDP every process runs its share of the trials; the means are synced below.
-        num_trials = -(-self._trials(trainer) // trainer.world_size)
         with set_exploration_type(exploration):
-            rollout = run_trials(env, policy, num_trials)
-        success, returns = episode_outcomes(rollout, k, env.episode_length)
+            rollout, _ = trials.run(policy)
+        self.latest_rollout = rollout
+        success, returns = episode_outcomes(rollout, k, length)
         per_episode = {"success": success, "return": returns}
         metrics: dict[str, torch.Tensor] = {}
         for name, values in per_episode.items():
             metrics[f"{self.prefix}/{name}"] = self._mean(values, pl_module)
             for episode in range(k):
                 metrics[f"{self.prefix}/{name}_ep{episode + 1}"] = self._mean(values[:, episode], pl_module)
-        # Per-task results need every process's trials: gather (a collective, on all ranks).
+        # Per-task results need every process's trials: gather (a collective, on all ranks). Shares
+        # differ by at most one trial per worker: pad to the largest (task -1) and drop the padding.
         task_ids = rollout["task_id"][:, 0].to(pl_module.device)
         trial_success = success.mean(-1).to(pl_module.device)
         if trainer.world_size > 1:
-            task_ids = pl_module.all_gather(task_ids).flatten()
-            trial_success = pl_module.all_gather(trial_success).flatten()
+            size = trials.rounds * trials.slots * len(trials.parts)
+            pad = size - len(task_ids)
+            task_ids = pl_module.all_gather(F.pad(task_ids, (0, pad), value=-1)).flatten()
+            trial_success = pl_module.all_gather(F.pad(trial_success, (0, pad))).flatten()
+            trial_success, task_ids = trial_success[task_ids >= 0], task_ids[task_ids >= 0]
         self._per_task = self._task_table(trainer, task_ids.cpu(), trial_success.cpu())
         metrics[f"{self.prefix}/success_ci95"] = confidence_half_width(trial_success.float())
         return metrics
@@ -188,6 +208,14 @@ class MetaTestEvaluation(Callback):
         metric.update(values.to(pl_module.device))
         return metric.compute()
 
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._trials is not None:  # stops the worker processes
+            self._trials.close()
+            self._trials = None
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "exception")
+
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs and not fit_ends_this_epoch(trainer):
             return
@@ -214,6 +242,10 @@ class MetaTestEvaluation(Callback):
             )
         if trainer.is_global_zero:
             self._write_outputs(trainer, pl_module)
+        if self.latest_rollout is not None:  # analyses of the same trials (TaskEmbeddingTSNE)
+            for callback in trainer.callbacks:
+                if callback is not self and hasattr(callback, "on_evaluation"):
+                    callback.on_evaluation(trainer, pl_module, self.split, self.latest_rollout)
 
     def results(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         """The content of ``meta_test.json`` for the latest evaluation."""
@@ -237,7 +269,7 @@ class MetaTestEvaluation(Callback):
             "success_per_episode": [self.last_results[f"{prefix}/success_ep{e + 1}"] for e in range(k)],
             "return_per_episode": [self.last_results[f"{prefix}/return_ep{e + 1}"] for e in range(k)],
             **self._per_task,
-            "num_trials": self._trials(trainer),
+            "num_trials": self._num_trials(trainer),
             "deterministic": self.deterministic,
             **run,
         }

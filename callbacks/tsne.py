@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -16,12 +17,9 @@ from matplotlib.lines import Line2D
 from sklearn.manifold import TSNE
 from sklearn.neighbors import KNeighborsClassifier
 from tensordict import TensorDict, TensorDictBase
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from lightning_htrmrl.envs.base import SPLITS, Split
-from lightning_htrmrl.envs.trial import TrialEnv
 from lightning_htrmrl.runs import run_directory
-from lightning_htrmrl.trials import run_trials
 from lightning_htrmrl.validation import ConfigError
 
 _KEY = "trainer.callbacks: TaskEmbeddingTSNE init_args"  # where its options live (error messages)
@@ -94,13 +92,15 @@ def knn_separability(z: np.ndarray, labels: np.ndarray, fit: np.ndarray, n_neigh
 class TaskEmbeddingTSNE(Callback):
     """Every ``every_n_epochs`` epochs, plot a t-SNE of the task contexts ``z`` and score how well they separate tasks.
 
-    For each split in ``splits`` a fresh evaluation policy runs ``num_trials`` trials of ``K``
-    episodes (memory kept across the episodes of a trial, cleared between trials, actions sampled as
-    in :class:`~lightning_htrmrl.callbacks.MetaTestEvaluation`). The trials run in two halves over
-    the *same* ``ceil(num_trials / 2)`` tasks: the eval env's fixed task schedule is re-seeded before
-    each half, so every task of the second half was also run in the first half. The context ``z``
-    (``[context_dim]``, for HTrMRL the masked mean of the inter-episode transformer) at the last step
-    of every episode is recomputed offline from the rollout (see :func:`episode_contexts`).
+    It runs no trials of its own: the ``test`` split's trials are those of the epoch's held-out
+    evaluation (:class:`~lightning_htrmrl.callbacks.MetaTestEvaluation` hands them over when it
+    has run them; memory kept across the episodes of a trial, cleared between trials), the
+    ``train`` split's those of the epoch's last training batch (whole trials on training tasks,
+    collected with the weights of that batch's update). At most ``num_trials`` trials of each split
+    are used. The context ``z`` (``[context_dim]``, for HTrMRL the masked mean of the
+    inter-episode transformer) at the last step of every episode is recomputed offline from the
+    trials with the current weights (see :func:`episode_contexts`). It runs in epochs that have a
+    held-out evaluation (every epoch by default: ``meta_test.every_n_epochs``).
 
     **Plot** (``{run_dir}/tsne/epoch_{epoch:04d}.png``, also ``meta_test/task_embeddings`` in
     TensorBoard at ``global_step = frames``): one point per episode, all splits embedded together
@@ -114,23 +114,21 @@ class TaskEmbeddingTSNE(Callback):
 
     **Number** ``meta_test/embedding_separability`` (``meta_train_eval/embedding_separability`` for
     the train split): task-classification accuracy in ``[0, 1]`` of a k-NN classifier (k = 3,
-    distance-weighted, Euclidean, in the ORIGINAL ``z`` space, not the t-SNE plane) on the episodes
-    of the LAST episode index (the most adapted context), fit on the first half of the trials and
-    scored on the second half (episodes of the same tasks but other trials). Chance level is about
-    ``1 / ceil(num_trials / 2)`` when the split has at least that many tasks. The test split's value
-    is the held-out number; higher means the memory identifies the task better.
+    distance-weighted, Euclidean, in the ORIGINAL ``z`` space, not the t-SNE plane) fit on the
+    contexts of every trial's second-to-last episode and scored on those of its last episode (the
+    most adapted context): whether the context the memory settles on names the task. Chance level
+    is about one over the number of distinct tasks (``nan`` for trials of one episode).
 
-    Runs on global rank 0 only (no collective is called); values are logged with
-    ``rank_zero_only=True``, so they cannot be monitored by other callbacks under DDP. The RNG
-    state of training is left untouched (the evaluation runs under a forked, seeded RNG).
+    Runs on global rank 0 only (no collective is called; under DDP on rank 0's share of the
+    held-out trials); values are logged with ``rank_zero_only=True``, so they cannot be monitored by
+    other callbacks under DDP.
 
     Args:
         every_n_epochs: period in training epochs.
-        num_trials: trials per split per evaluation (>= 2: one half is fit, the other scored).
-        splits: splits to run, from ``train`` and ``test``.
+        num_trials: trials per split at most (the first of the evaluation's, of the batch's).
+        splits: splits to plot, from ``train`` and ``test``.
         perplexity: t-SNE perplexity (capped at ``n_points - 1``).
-        seed: seeds the eval envs' task schedule, the policy's window sampling, action sampling and
-            t-SNE; the same tasks are used at every evaluation.
+        seed: seeds t-SNE.
     """
 
     def __init__(
@@ -144,7 +142,7 @@ class TaskEmbeddingTSNE(Callback):
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ConfigError(f"{_KEY}.every_n_epochs must be >= 1, got {every_n_epochs!r}")
         if not isinstance(num_trials, int) or num_trials < 2:
-            raise ConfigError(f"{_KEY}.num_trials must be >= 2 (half fit, half scored), got {num_trials!r}")
+            raise ConfigError(f"{_KEY}.num_trials must be >= 2, got {num_trials!r}")
         splits = [splits] if isinstance(splits, str) else list(splits)
         if not splits or any(split not in SPLITS for split in splits) or len(set(splits)) != len(splits):
             raise ConfigError(
@@ -157,58 +155,31 @@ class TaskEmbeddingTSNE(Callback):
         self.splits: list[Split] = splits  # type: ignore[assignment]
         self.perplexity = float(perplexity)
         self.seed = seed
-        self._envs: dict[str, TrialEnv] = {}
+        self._train_trials: TensorDictBase | None = None
         self.last_results: dict[str, float] = {}
         self.last_image: Path | None = None
 
-    # ------------------------------------------------------------------ rollouts
-    def _get_env(self, trainer: Trainer, pl_module: LightningModule, split: Split) -> TrialEnv:
-        env = self._envs.get(split)
-        if env is None or env.device != pl_module.device:
-            datamodule = trainer.datamodule
-            num_envs = min(-(-self.num_trials // 2), datamodule.num_envs)
-            env = datamodule.benchmark.make_env(
-                split, num_envs, seed=self.seed, cycle_tasks=True, device=pl_module.device
-            )
-            self._envs[split] = env
-        return env
+    # ------------------------------------------------------------------ trials
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        self._train_trials = batch  # [B, K*L] whole trials (one per row); only the latest is kept
 
     @torch.no_grad()
-    def rollouts(self, trainer: Trainer, pl_module: LightningModule, split: Split) -> TensorDictBase:
-        """Run ``num_trials`` trials of ``split`` with a fresh policy: ``[num_trials, K*L]``.
-
-        Rows ``[:ceil(num_trials / 2)]`` are the first half, the rest the second half, on the same
-        tasks in the same order.
-        """
-        env = self._get_env(trainer, pl_module, split)
-        policy = pl_module.make_policy(seed=self.seed)
-        halves = []
-        for count in (-(-self.num_trials // 2), self.num_trials // 2):
-            env.set_seed(self.seed)  # restart the task schedule: both halves run the same tasks
-            halves.append(run_trials(env, policy, count))
-        return torch.cat(halves)
-
-    @torch.no_grad()
-    def contexts(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, TensorDict]:
-        """Split -> last-step contexts of every episode (:func:`episode_contexts`, ``[num_trials * K]``).
-
-        Actions are sampled under a forked RNG seeded with ``seed``: reproducible, and the training
-        RNG stream is left untouched.
-        """
-        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), set_exploration_type(ExplorationType.RANDOM):
-            torch.default_generator.manual_seed(self.seed)
-            if devices:
-                with torch.cuda.device(pl_module.device):
-                    torch.cuda.manual_seed(self.seed)
-            return {split: episode_contexts(pl_module, self.rollouts(trainer, pl_module, split))
-                    for split in self.splits}  # fmt: skip
+    def contexts(self, pl_module: LightningModule, trials: dict[str, TensorDictBase]) -> dict[str, TensorDict]:
+        """Split -> last-step contexts of every episode (:func:`episode_contexts`) of its first
+        ``num_trials`` trials."""
+        return {split: episode_contexts(pl_module, rows[: self.num_trials]) for split, rows in trials.items()}
 
     # ------------------------------------------------------------------ hook
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs or not trainer.is_global_zero:
+    def on_evaluation(self, trainer: Trainer, pl_module: LightningModule, split: str, trials: TensorDictBase) -> None:
+        """Called by :class:`~lightning_htrmrl.callbacks.MetaTestEvaluation` with its trials ``[n, K*L]``."""
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not fitting or (trainer.current_epoch + 1) % self.every_n_epochs or not trainer.is_global_zero:
             return
-        contexts = self.contexts(trainer, pl_module)
+        available = {split: trials, "train": self._train_trials} if split == "test" else {"train": self._train_trials}
+        chosen = {s: available[s] for s in self.splits if available.get(s) is not None}
+        if not chosen:
+            return
+        contexts = self.contexts(pl_module, chosen)
         results = {_metric(split): self.separability(ctx) for split, ctx in contexts.items()}
         self.last_results = results
         for key, value in results.items():
@@ -219,17 +190,15 @@ class TaskEmbeddingTSNE(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure(FIGURE_TAG, fig, global_step=int(pl_module.frames), close=False)
 
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        for env in self._envs.values():
-            env.close(raise_if_closed=False)
-        self._envs.clear()
-
     # ------------------------------------------------------------------ analysis
     def separability(self, contexts: TensorDictBase) -> float:
-        """k-NN task accuracy of the last-episode contexts: fit on the first half of trials, score the second."""
-        last = contexts["episode"] == contexts["episode"].max()
-        fit = contexts["trial"][last] < -(-self.num_trials // 2)
-        return knn_separability(contexts["z"][last].numpy(), contexts["task_id"][last].numpy(), fit.numpy())
+        """k-NN task accuracy of the last-episode contexts, fit on the second-to-last episode's."""
+        last = int(contexts["episode"].max())
+        if last == 0:
+            return float("nan")
+        rows = contexts["episode"] >= last - 1
+        fit = contexts["episode"][rows] == last - 1
+        return knn_separability(contexts["z"][rows].numpy(), contexts["task_id"][rows].numpy(), fit.numpy())
 
     def embed(self, z: np.ndarray) -> np.ndarray:
         """t-SNE of ``z [S, C]`` -> ``[S, 2]``."""

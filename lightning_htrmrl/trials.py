@@ -32,16 +32,3 @@ def episode_outcomes(trials: TensorDictBase, episodes_per_trial: int, episode_le
     success = trials["next", "success"].reshape(shape).any(-1).float()
     returns = trials["next", "reward"].reshape(shape).sum(-1)
     return success, returns
-
-
-@torch.no_grad()
-def run_trials(env, policy, num_trials: int) -> TensorDictBase:
-    """``num_trials`` whole trials ``[num_trials, K*L]`` of a ``TrialEnv`` with a fresh ``policy``.
-
-    Each round is one ``env.rollout``, which starts with a reset: a new trial on every slot, on
-    the next tasks of the env's schedule.
-    """
-    steps = env.episodes_per_trial * env.episode_length
-    rounds = -(-num_trials // env.num_envs)
-    trials = [env.rollout(steps, policy, break_when_any_done=False) for _ in range(rounds)]
-    return torch.cat(trials, dim=0)[:num_trials]

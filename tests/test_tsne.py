@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_htrmrl.callbacks import TaskEmbeddingTSNE
+from lightning_htrmrl.callbacks import MetaTestEvaluation, TaskEmbeddingTSNE
 from lightning_htrmrl.callbacks.tsne import FIGURE_TAG, episode_contexts
 from lightning_htrmrl.data import MetaRLDataModule
 from lightning_htrmrl.envs import PointRobot
@@ -32,9 +32,11 @@ def fit(tmp_path: Path, encoder) -> tuple[Trainer, MetaPPO, TaskEmbeddingTSNE]:
     benchmark = PointRobot(episode_length=L, episodes_per_trial=K)
     datamodule = MetaRLDataModule(benchmark=benchmark, num_envs=4, iterations_per_epoch=1)
     callback = TaskEmbeddingTSNE(every_n_epochs=1, num_trials=NUM_TRIALS, perplexity=3)
+    # the held-out trials the plot uses are the evaluation's (every test task once)
+    evaluation = MetaTestEvaluation(num_trials=NUM_TRIALS, num_envs=3, seed=1)
     trainer = Trainer(
         max_epochs=1, accelerator="cpu", logger=TensorBoardLogger(tmp_path), enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, evaluation],
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
     return trainer, module, callback
@@ -68,22 +70,22 @@ def test_tsne_hierarchical_plots_logs_and_recomputes_the_collected_context(tmp_p
     assert callback._save(Figure(), trainer, epoch=0) == png.with_name("epoch_0000_1.png")
     assert png.read_bytes()[:8] == PNG_SIGNATURE
 
-    # both halves of the trials run the same tasks; z is the context the policy saw at the last step
-    with torch.no_grad():
-        rollout = callback.rollouts(trainer, module, "test")
+    # it runs no trials: the held-out ones are the evaluation's, the training ones the last batch's;
+    # z is the context the policy saw at the last step of every episode
+    evaluation = next(c for c in trainer.callbacks if isinstance(c, MetaTestEvaluation))
+    rollout = evaluation.latest_rollout
     assert rollout.shape == (NUM_TRIALS, K * L)
-    tasks = rollout["task_id"][:, 0]
-    assert torch.equal(tasks[: NUM_TRIALS // 2], tasks[NUM_TRIALS // 2 :])
-    assert len(tasks.unique()) == NUM_TRIALS // 2
+    assert callback._train_trials.shape == (4, K * L)
     contexts = episode_contexts(module, rollout)
     assert contexts.shape == (NUM_TRIALS * K,) and contexts["z"].shape == (NUM_TRIALS * K, 16)
     assert torch.equal(contexts["episode"], torch.arange(K).repeat(NUM_TRIALS))
     collected = rollout["features"].reshape(NUM_TRIALS * K, L, -1)[:, -1, : module.encoder.context_dim]
     torch.testing.assert_close(contexts["z"], collected, atol=1e-5, rtol=0)
 
-    # seeded and reproducible, without touching the training RNG stream
+    # deterministic, without touching the training RNG stream
     state = torch.get_rng_state()
-    first, second = callback.contexts(trainer, module), callback.contexts(trainer, module)
+    trials = {"train": callback._train_trials, "test": rollout}
+    first, second = callback.contexts(module, trials), callback.contexts(module, trials)
     assert torch.equal(torch.get_rng_state(), state)
     assert all(torch.equal(first[s]["z"], second[s]["z"]) for s in ("train", "test"))
     assert callback.separability(first["test"]) == pytest.approx(callback.last_results[METRIC])

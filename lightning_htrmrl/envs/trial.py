@@ -122,9 +122,8 @@ class TrialEnv(EnvBase):
     def _draw_tasks(self, env_ids: torch.Tensor) -> torch.Tensor:
         if self.cycle_tasks:
             slots = env_ids.cpu()
-            rank, world = self._shard
-            rounds = self._trials_started[slots] * world + rank
-            tasks = self._task_order[(rounds * self.num_envs + slots) % self.num_tasks]
+            local = self._trials_started[slots] * self.num_envs + slots
+            tasks = self._task_order[self.global_trials(local) % self.num_tasks]
         else:
             # Counter-based draws: the task of a slot's j-th trial depends only on (seed, slot, j),
             # so a run resumed from a checkpoint (which stores j) continues the same task sequence.
@@ -215,13 +214,21 @@ class TrialEnv(EnvBase):
             device=self.device,
         )
 
-    def set_shard(self, rank: int, world_size: int) -> None:
-        """Take every ``world_size``-th round of the ``cycle_tasks`` schedule, starting at ``rank``.
+    def set_shard(self, part: int, parts: int) -> None:
+        """Take every ``parts``-th trial of the ``cycle_tasks`` schedule, starting at trial ``part``.
 
-        ``world_size`` processes with equal ``seed`` and ``num_envs`` then evaluate disjoint tasks
-        that together follow the single-process schedule.
+        Trial ``i`` of the single-env schedule runs task ``i % num_tasks`` of the fixed task order;
+        this env's ``l``-th trial (round ``l // num_envs``, slot ``l % num_envs``) is trial
+        ``l * parts + part`` of it. ``parts`` envs with equal ``seed`` and shards ``0 .. parts - 1``
+        then run disjoint trials that together are the single-env schedule, whatever their
+        ``num_envs``.
         """
-        self._shard = (rank, world_size)
+        self._shard = (part, parts)
+
+    def global_trials(self, local: torch.Tensor) -> torch.Tensor:
+        """Index in the single-env ``cycle_tasks`` schedule of this env's trials ``local`` (see :meth:`set_shard`)."""
+        part, parts = self._shard
+        return local * parts + part
 
     def _set_seed(self, seed: int | None) -> None:
         if seed is None:
