@@ -10,6 +10,8 @@ import torch
 
 from lightning_htrmrl.envs import MetaWorld
 from lightning_htrmrl.metaworld_protocol import MetaWorldProtocol, evaluate
+from lightning_htrmrl.module import MetaPPO
+from lightning_htrmrl.validation import ConfigError
 from tests.conftest import ENCODER_FACTORIES, make_module, tiny_hierarchical
 from tests.test_cli import CONFIGS, TINY, run_cli
 
@@ -48,6 +50,7 @@ def test_official_protocol_measures_what_ours_measures(reach_checkpoint: Path, t
         "--meta_test.metaworld.adaptation_episodes", "1",
         "--meta_test.metaworld.evaluation_episodes", "1",
         "--meta_test.metaworld.max_episode_steps", "10",
+        "--meta_test.metaworld.num_workers", "2",
     ]  # fmt: skip
     result, _ = run_cli([*common, *official], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -59,6 +62,7 @@ def test_official_protocol_measures_what_ours_measures(reach_checkpoint: Path, t
         "evaluation_episodes": 1,
         "max_episode_steps": 10,
         "meta_batch_size": 1,
+        "num_workers": 2,
         "adaptation_steps": 1,
     }
     assert theirs["evaluator"] == "metaworld.evaluation.metalearning_evaluation"
@@ -79,12 +83,70 @@ def test_every_encoder_on_episodes_longer_and_shorter_than_training(encoder: str
     module = make_module(ENCODER_FACTORIES[encoder], obs_dim=39, action_dim=4, past_windows="max_reward")
     benchmark = MetaWorld("ML1", "reach-v3", episode_length=8, episodes_per_trial=3, hidden_observation_dims=[4, 5])
     protocol = MetaWorldProtocol(
-        num_evals=2, adaptation_episodes=2, evaluation_episodes=2, max_episode_steps=24, meta_batch_size=5
+        num_evals=2,
+        adaptation_episodes=2,
+        evaluation_episodes=2,
+        max_episode_steps=24,
+        meta_batch_size=5,
+        num_workers=1,  # two short rounds: starting worker processes would take longer than they save
     )
     results = evaluate(module, benchmark, protocol, deterministic=False, seed=0)
     assert len(results["success_per_round"]) == 2 and 0.0 <= results["success"] <= 1.0
     assert results["settings"]["max_episode_steps"] == 24 and results["settings"]["meta_batch_size"] == 5
     assert torch.isfinite(torch.tensor(results["return"]))
+
+
+def _heads_for_the_goals() -> MetaPPO:
+    """A tiny module whose mean action moves the hand towards reach-v3's goals (+y), with noise
+    (std 0.5): some evaluation episodes succeed and end early, the others run to the step limit."""
+    module = make_module(tiny_hierarchical(), obs_dim=39, action_dim=4, init_std=0.5)
+    last = [layer for layer in module.actor.modules() if isinstance(layer, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    return module
+
+
+def test_parallel_rounds_give_the_sequential_results() -> None:
+    """Sampled actions, same seed: 2 worker processes give every round the result it has in-process."""
+    module = _heads_for_the_goals()
+    benchmark = MetaWorld("ML1", "reach-v3", episode_length=8, episodes_per_trial=3)
+    results = {}
+    for workers in (1, 2):
+        protocol = MetaWorldProtocol(
+            num_evals=4, adaptation_episodes=1, evaluation_episodes=2, max_episode_steps=30, num_workers=workers
+        )
+        results[workers] = evaluate(module, benchmark, protocol, deterministic=False, seed=0)
+    sequential, parallel = results[1], results[2]
+    assert parallel["settings"]["num_workers"] == 2 and sequential["settings"]["num_workers"] == 1
+    assert 0.0 < max(sequential["success_per_round"]) < 1.0  # episodes that end on success, and others
+    for key in ("success_per_round", "per_class", "return", "success", "success_ci95"):
+        assert parallel[key] == sequential[key], key
+
+
+@pytest.mark.slow
+def test_parallel_rounds_give_the_sequential_results_on_ml10() -> None:
+    module = make_module(tiny_hierarchical(), obs_dim=39, action_dim=4)
+    benchmark = MetaWorld("ML10", None, episode_length=8, episodes_per_trial=3)
+    results = [
+        evaluate(
+            module,
+            benchmark,
+            MetaWorldProtocol(
+                num_evals=3, adaptation_episodes=1, evaluation_episodes=1, max_episode_steps=10, num_workers=workers
+            ),
+            deterministic=False,
+            seed=1,
+        )
+        for workers in (1, 2)
+    ]
+    for key in ("success_per_round", "per_class", "return"):
+        assert results[0][key] == results[1][key], key
+
+
+@pytest.mark.parametrize("num_workers", [0, -1, 1.5, True, "2"])
+def test_bad_num_workers_names_the_key(num_workers) -> None:
+    with pytest.raises(ConfigError, match=r"meta_test\.metaworld\.num_workers"):
+        MetaWorldProtocol(num_workers=num_workers)
 
 
 @pytest.mark.slow
