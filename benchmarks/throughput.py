@@ -78,31 +78,49 @@ def raw_sim_fps(task: str, processes: int, num_envs: int, episode_length: int, s
     return float(sum(rate[0] for rate in rates)), float(sum(rate[1] for rate in rates))
 
 
-def _benchmark(task: str, episode_length: int, episodes_per_trial: int):
-    from lightning_htrmrl.envs import MetaWorld
-
-    return MetaWorld("ML1", task, episode_length=episode_length, episodes_per_trial=episodes_per_trial)
+SHIPPED_BENCHMARKS = {"reach-v3": "ml1_reach", "push-v3": "ml1_push", "pick-place-v3": "ml1_pick_place"}
 
 
-def _module(encoder: str, benchmark):
-    from functools import partial
+def shipped(args: argparse.Namespace, model: str = "htrmrl"):
+    """The shipped ML1 config of ``args.task`` (its ``conf/benchmark`` file, else reach's with the
+    task swapped) and ``conf/model/<model>.yaml``, built by the CLI: ``(MetaPPO, MetaRLDataModule)``.
 
-    from lightning_htrmrl.models import HierarchicalEncoder, MLPEncoder
+    Only the collector layout and the epoch length are overridden (``--num-envs``,
+    ``--num-collectors``, ``--iterations``); the model (minibatches, discount, windows) is as shipped.
+    """
+    from importlib import resources
+
+    from lightning_htrmrl.cli import HTrMRLCLI
+    from lightning_htrmrl.data import MetaRLDataModule
     from lightning_htrmrl.module import MetaPPO
 
-    factory = partial(HierarchicalEncoder) if encoder == "htrmrl" else MLPEncoder
-    return MetaPPO(
-        benchmark.obs_dim, benchmark.action_dim, benchmark.episode_length, benchmark.episodes_per_trial, encoder=factory
+    conf = resources.files("lightning_htrmrl.conf")
+    benchmark = SHIPPED_BENCHMARKS.get(args.task, "ml1_reach")
+    files = [conf / "base.yaml", conf / f"benchmark/{benchmark}.yaml", conf / f"model/{model}.yaml"]
+    overrides = [
+        f"--data.benchmark.init_args.task_name={args.task}",
+        f"--data.num_envs={args.num_envs}",
+        f"--data.num_collectors={args.num_collectors}",
+        f"--data.iterations_per_epoch={args.iterations + 1}",
+        "--trainer.logger=false",
+    ]
+    cli = HTrMRLCLI(
+        MetaPPO,
+        MetaRLDataModule,
+        run=False,
+        args=[item for path in files for item in ("--config", str(path))] + overrides,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
     )
+    return cli.model, cli.datamodule
 
 
 def collect_fps(args: argparse.Namespace) -> float:
     """Collector frames/s with the HTrMRL policy (no training)."""
-    from lightning_htrmrl.data import MetaRLDataModule, shutdown_collector
+    from lightning_htrmrl.data import shutdown_collector
 
-    benchmark = _benchmark(args.task, args.episode_length, args.episodes_per_trial)
-    module = _module("htrmrl", benchmark).to("cuda" if args.accelerator == "gpu" else "cpu")
-    data = MetaRLDataModule(benchmark, num_envs=args.num_envs, num_collectors=args.num_collectors)
+    module, data = shipped(args)
+    module = module.to("cuda" if args.accelerator == "gpu" else "cpu")
     collector = data.build_collector(module.make_policy(), module.device)
     batches = iter(collector)
     next(batches)  # start-up and first batch excluded
@@ -123,8 +141,6 @@ def train_fps(args: argparse.Namespace, encoder: str) -> tuple[float, float]:
     """
     from lightning.pytorch import Callback, Trainer
 
-    from lightning_htrmrl.data import MetaRLDataModule
-
     class Clock(Callback):
         def __init__(self) -> None:
             self.ends: list[float] = []
@@ -136,11 +152,7 @@ def train_fps(args: argparse.Namespace, encoder: str) -> tuple[float, float]:
             self.frames.append(int(pl_module.frames))
             self.update_s.append(float(trainer.callback_metrics["time/update_s"]))
 
-    benchmark = _benchmark(args.task, args.episode_length, args.episodes_per_trial)
-    module = _module(encoder, benchmark)
-    data = MetaRLDataModule(
-        benchmark, num_envs=args.num_envs, num_collectors=args.num_collectors, iterations_per_epoch=args.iterations + 1
-    )
+    module, data = shipped(args, encoder)
     clock = Clock()
     trainer = Trainer(
         max_epochs=1,
@@ -161,19 +173,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="reach-v3", help="Meta-World ML1 task")
     parser.add_argument("--iterations", type=int, default=3, help="measured batches per figure")
-    parser.add_argument(
-        "--num-envs", type=int, default=32, help="env slots per collector process (the ML1 CPU config uses 16)"
-    )
-    parser.add_argument("--num-collectors", type=int, default=2, help="collector processes")
-    parser.add_argument("--episode-length", type=int, default=200)
-    parser.add_argument("--episodes-per-trial", type=int, default=4)
+    parser.add_argument("--num-envs", type=int, default=16, help="env slots per collector process (shipped: 16)")
+    parser.add_argument("--num-collectors", type=int, default=2, help="collector processes (shipped: 2)")
     parser.add_argument("--raw-steps", type=int, default=1_000, help="raw steps of each env")
     parser.add_argument("--accelerator", default="gpu" if torch.cuda.is_available() else "cpu", choices=("cpu", "gpu"))
     args = parser.parse_args()
     try:  # a task Meta-World's ML1 lacks fails here, in one line, before any measurement
-        _benchmark(args.task, args.episode_length, args.episodes_per_trial)
+        from lightning_htrmrl.envs import MetaWorld
+
+        MetaWorld("ML1", args.task).task_names("train")
     except ValueError as error:
         parser.error(f"--task: {error}")
+    args.episode_length = 200  # every shipped ML1 config
 
     cores = len(os.sched_getaffinity(0))
 
