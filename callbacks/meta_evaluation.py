@@ -17,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
 from tensordict import TensorDictBase
 from torchmetrics.aggregation import MeanMetric
-from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.envs.utils import ExplorationType
 
 from lightning_htrmrl.envs.base import Split, check_split  # noqa: E402
 from lightning_htrmrl.envs.evaluation import EvaluationTrials  # noqa: E402
@@ -72,9 +72,9 @@ class MetaTestEvaluation(Callback):
             the number of tasks covers each exactly once.
         num_envs: env slots per worker process (at most its share of ``num_trials``); ``None``:
             ``data.num_envs``.
-        num_workers: processes that step the envs (TorchRL ``ParallelEnv``, built at the first
-            evaluation and kept): the simulator runs on every core while the policy runs in the
-            trainer on all their slots at once. 1: the envs run in the trainer process.
+        num_workers: worker processes that run the trials (started at the first evaluation and
+            kept), each with its own envs and a CPU copy of the policy, as training's collector
+            processes: evaluation uses every core. 1: the trials run in the trainer process.
         split: ``test`` (held-out tasks) or ``train``.
         deterministic: act with the distribution's mean instead of sampling (default: sample, as
             exploration in early episodes is part of in-context adaptation).
@@ -150,12 +150,10 @@ class MetaTestEvaluation(Callback):
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
         """Run the trials and return the synced metrics."""
         trials = self._get_trials(trainer, pl_module)
-        policy = pl_module.make_policy(seed=self.seed)
         exploration = ExplorationType.DETERMINISTIC if self.deterministic else ExplorationType.RANDOM
         k, length = trainer.datamodule.episodes_per_trial, trainer.datamodule.episode_length
         # Under DDP every process runs its share of the trials; the means are synced below.
-        with set_exploration_type(exploration):
-            rollout, _ = trials.run(policy)
+        rollout, _ = trials.run(pl_module, exploration)
         self.latest_rollout = rollout
         success, returns = episode_outcomes(rollout, k, length)
         per_episode = {"success": success, "return": returns}

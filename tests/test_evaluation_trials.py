@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchrl.envs.utils import ExplorationType, set_exploration_type
+from torchrl.envs.utils import ExplorationType
 
 from lightning_htrmrl.envs import MetaWorld
 from lightning_htrmrl.envs.evaluation import EvaluationTrials
@@ -30,7 +30,7 @@ def test_every_trial_runs_exactly_once_at_any_process_count(tiny, num_trials, nu
         for share in shares:
             # spare slots (all parts run the same rounds): fewer than one per round and per trial short
             assert share.rounds * share.slots - share.num_trials_here <= share.rounds
-            rollout, index = share.run(module.make_policy(seed=3))
+            rollout, index = share.run(module)
             assert len(rollout) == len(index) == share.num_trials_here
             indices += index.tolist()
             tasks += rollout["task_id"][:, 0].tolist()
@@ -38,24 +38,23 @@ def test_every_trial_runs_exactly_once_at_any_process_count(tiny, num_trials, nu
     assert sorted(indices) == list(range(num_trials))
     by_index = dict(zip(indices, tasks, strict=True))
     single = EvaluationTrials(benchmark, "test", num_trials, num_envs, seed=3)
-    rollout, index = single.run(module.make_policy(seed=3))
+    rollout, index = single.run(module)
     assert index.tolist() == list(range(num_trials))
     assert [by_index[i] for i in range(num_trials)] == rollout["task_id"][:, 0].tolist()
     assert sorted(set(tasks)) == list(range(min(num_tasks, num_trials)))
 
 
 def test_worker_processes_run_the_same_trials_as_this_process() -> None:
-    """ML1 at tiny sizes, acting with the mean: 2 worker processes (TorchRL ParallelEnv) give the
-    per-trial results of the same parts stepped in this process."""
+    """ML1 at tiny sizes, acting with the mean: 2 worker processes give the per-trial results of the
+    same parts run in this process."""
     from tests.conftest import make_module, tiny_hierarchical
 
     benchmark = MetaWorld("ML1", "reach-v3", episode_length=6, episodes_per_trial=2)
     module = make_module(tiny_hierarchical(), obs_dim=39, action_dim=4, episode_length=6, episodes_per_trial=2)
     parallel = EvaluationTrials(benchmark, "test", num_trials=6, num_envs=3, seed=5, num_workers=2)
     try:
-        with set_exploration_type(ExplorationType.DETERMINISTIC):
-            rollout, index = parallel.run(module.make_policy(seed=5))
-            again, _ = parallel.run(module.make_policy(seed=5))
+        rollout, index = parallel.run(module, ExplorationType.DETERMINISTIC)
+        again, _ = parallel.run(module, ExplorationType.DETERMINISTIC)
     finally:
         parallel.close()
     assert sorted(index.tolist()) == list(range(6))
@@ -63,8 +62,7 @@ def test_worker_processes_run_the_same_trials_as_this_process() -> None:
     in_process = []
     for worker in range(2):
         share = EvaluationTrials(benchmark, "test", num_trials=6, num_envs=3, seed=5, rank=worker, world_size=2)
-        with set_exploration_type(ExplorationType.DETERMINISTIC):
-            trials, part_index = share.run(module.make_policy(seed=5))
+        trials, part_index = share.run(module, ExplorationType.DETERMINISTIC)
         share.close()
         in_process.append((part_index, trials))
     reference = torch.cat([trials for _, trials in in_process])

@@ -9,14 +9,18 @@ workers, and each part runs as few rounds of its slots as its share needs.
 
 from __future__ import annotations
 
-from functools import partial
+import copy
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 import torch
 from tensordict import TensorDictBase
-from torchrl.envs import EnvBase, ParallelEnv
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from lightning_htrmrl.envs.base import Split, TaskDistribution
 from lightning_htrmrl.envs.trial import TrialEnv
+from lightning_htrmrl.models.policy import make_policy
 
 
 def make_shard_env(
@@ -34,22 +38,48 @@ def make_shard_env(
     return env
 
 
+_WORKER_ENV: TrialEnv | None = None  # an evaluation worker process's env
+
+
+def _start_worker(benchmark: TaskDistribution, split: Split, num_envs: int, seed: int) -> None:
+    global _WORKER_ENV
+    torch.set_num_threads(1)  # one core per worker: the workers are as many as the cores
+    _WORKER_ENV = benchmark.make_env(split, num_envs, seed=seed, cycle_tasks=True)
+
+
+def _run_part(
+    policy: tuple, part: int, parts: int, rounds: int, seed: int, exploration: ExplorationType
+) -> TensorDictBase:
+    """In a worker: ``rounds`` rounds of part ``part`` of ``parts`` with a fresh copy of the policy."""
+    encoder, actor, episode_length, past_windows = policy
+    env = _WORKER_ENV
+    env.set_shard(part, parts)
+    env.set_seed(seed, static_seed=True)
+    torch.manual_seed(int(np.random.SeedSequence([seed, part]).generate_state(1)[0]))  # the part's action noise
+    acting = make_policy(encoder, actor, episode_length, seed, past_windows)
+    steps = env.episodes_per_trial * env.episode_length
+    with torch.no_grad(), set_exploration_type(exploration):
+        return torch.cat([env.rollout(steps, acting, break_when_any_done=False) for _ in range(rounds)])
+
+
 class EvaluationTrials:
     """The share of ``num_trials`` trials of ``split`` that DDP process ``rank`` runs.
 
-    With ``num_workers > 1`` the share's parts are stepped by a TorchRL ``ParallelEnv`` of that many
-    worker processes (built once, kept between evaluations: the simulator runs on every core while
-    the policy runs here, on one batch of all the workers' slots); with 1, by one env in this process.
+    With ``num_workers > 1`` the share's parts run in that many worker processes (started at the
+    first :meth:`run` and kept), each with its own envs and a copy of the policy on the CPU (as
+    training's collector processes): the simulator and the policy use every core, and this process
+    waits. With 1, the share runs in this process, on the module's device.
 
     Args:
         benchmark: the task distribution.
         split: ``test`` or ``train``.
         num_trials: trials of the whole evaluation (all processes).
-        num_envs: slots per part (at most the part's share).
-        seed: fixes the task order (and seeds the simulators at every :meth:`run`).
+        num_envs: slots per part at most.
+        seed: fixes the task order (and seeds the simulators and, in workers, the action noise of
+            every part at every :meth:`run`).
         rank, world_size: this DDP process and the number of them.
         num_workers: worker processes of this DDP process.
-        device: where the policy reads the observations.
+        device: where the policy runs in this process (``num_workers`` 1).
     """
 
     def __init__(
@@ -73,41 +103,55 @@ class EvaluationTrials:
         self.num_parts = parts
         # trials of each part that belong to the schedule (the last round may have spare slots)
         self.kept = [len(range(part, num_trials, parts)) for part in self.parts]
-        self.trial_steps = benchmark.episodes_per_trial * benchmark.episode_length
         self.seed = seed
-        make = [partial(make_shard_env, benchmark, split, self.slots, seed, part, parts) for part in self.parts]
+        self.benchmark, self.split = benchmark, split
+        self._env: TrialEnv | None = None
+        self._pool: ProcessPoolExecutor | None = None
         if num_workers == 1:
-            self.env: EnvBase = make[0](device=device)
-        else:
-            self.env = ParallelEnv(
-                num_workers,
-                make,
-                device=device,
-                num_threads=torch.get_num_threads(),  # this process keeps its threads for training
-                mp_start_method="spawn",
-            )
+            self._env = make_shard_env(benchmark, split, self.slots, seed, self.parts[0], parts, device)
 
     @property
     def num_trials_here(self) -> int:
         return sum(self.kept)
 
     @torch.no_grad()
-    def run(self, policy) -> tuple[TensorDictBase, torch.Tensor]:
-        """Run this process's share with a fresh ``policy``.
+    def run(self, module, exploration: ExplorationType = ExplorationType.RANDOM) -> tuple[TensorDictBase, torch.Tensor]:
+        """Run this process's share with a fresh policy of ``module`` (a ``MetaPPO``).
 
         Returns the trials ``[n, K*L]`` and their indices ``[n]`` in the evaluation's schedule.
         """
-        # The same schedule (tasks, simulator seeds) at every evaluation, and the same seed in every
-        # part: a trial does not depend on how many parts there are.
-        self.env.set_seed(self.seed, static_seed=True)
-        rounds = [self.env.rollout(self.trial_steps, policy, break_when_any_done=False) for _ in range(self.rounds)]
-        # [rounds, workers, slots, K*L] -> per part, its trials in order (round-major, then slot)
-        stacked = torch.stack(rounds).reshape(self.rounds, len(self.parts), self.slots, self.trial_steps)
-        trials, indices = [], []
-        for worker, (part, kept) in enumerate(zip(self.parts, self.kept, strict=True)):
-            trials.append(stacked[:, worker].reshape(self.rounds * self.slots, self.trial_steps)[:kept])
-            indices.append(torch.arange(kept) * self.num_parts + part)
-        return torch.cat(trials), torch.cat(indices)
+        if self._env is not None:
+            # The same schedule (tasks, simulator seeds) at every evaluation.
+            self._env.set_seed(self.seed, static_seed=True)
+            policy = module.make_policy(seed=self.seed)
+            steps = self._env.episodes_per_trial * self._env.episode_length
+            with set_exploration_type(exploration):
+                rounds = [self._env.rollout(steps, policy, break_when_any_done=False) for _ in range(self.rounds)]
+            per_part = [torch.cat(rounds)]
+        else:
+            per_part = [future.result() for future in self._submit(module, exploration)]
+        trials = [rows[:kept] for rows, kept in zip(per_part, self.kept, strict=True)]
+        indices = [torch.arange(kept) * self.num_parts + part for part, kept in zip(self.parts, self.kept, strict=True)]
+        return torch.cat(trials).to(module.device), torch.cat(indices)
+
+    def _submit(self, module, exploration: ExplorationType) -> list:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                len(self.parts),
+                mp_context=multiprocessing.get_context("spawn"),  # forked torch threads may hang
+                initializer=_start_worker,
+                initargs=(self.benchmark, self.split, self.slots, self.seed),
+            )
+        encoder, actor = (copy.deepcopy(m).cpu() for m in (module.encoder, module.actor))
+        policy = (encoder, actor, module.hparams.episode_length, module.hparams.past_windows)
+        return [
+            self._pool.submit(_run_part, policy, part, self.num_parts, self.rounds, self.seed, exploration)
+            for part in self.parts
+        ]
 
     def close(self) -> None:
-        self.env.close(raise_if_closed=False)
+        if self._env is not None:
+            self._env.close(raise_if_closed=False)
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
