@@ -71,6 +71,19 @@ def current_windows(tokens: torch.Tensor, step: torch.Tensor, window: int) -> tu
     return gather_windows(tokens.unsqueeze(1), episode, start, window), num_valid
 
 
+def every_step_windows(tokens: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`current_windows` at every step ``0 .. L-1`` of ``tokens [B, L, D]``, as strided views
+    (``unfold``, whose backward is a strided sum instead of a scatter-add).
+
+    Returns ``windows [B, L, T, D]`` and ``num_valid [B, L]``.
+    """
+    batch, length = tokens.shape[:2]
+    first = tokens[:, :window].unsqueeze(1).expand(batch, window - 1, window, tokens.shape[-1])  # left-aligned
+    full = tokens.unfold(1, window, 1).transpose(-1, -2)  # [B, L - T + 1, T, D]
+    num_valid = (torch.arange(length, device=tokens.device) + 1).clamp_max(window).expand(batch, length)
+    return torch.cat([first, full], dim=1), num_valid
+
+
 WindowSelection = Literal["uniform", "max_reward"]
 WINDOW_SELECTIONS = ("uniform", "max_reward")
 

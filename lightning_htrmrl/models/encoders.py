@@ -21,7 +21,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from lightning_htrmrl.memory import current_windows
+from lightning_htrmrl.memory import current_windows, every_step_windows
 from lightning_htrmrl.models.layers import (
     SequenceEncoder,
     SinusoidalPositionalEncoding,
@@ -242,8 +242,7 @@ class HierarchicalEncoder(ContextEncoder):
         # embeddings (positions are added per window): T times less embedding work than embedding
         # every window, and the same numbers.
         episodes, length = tokens.shape[:2]
-        step = torch.arange(length, device=tokens.device).expand(episodes, length)
-        windows, num_valid = current_windows(self.intra.embed(tokens), step, self.window)
+        windows, num_valid = every_step_windows(self.intra.embed(tokens), self.window)
         num_valid = num_valid.flatten()
         current = self.intra.encode_embedded(
             windows.flatten(0, 1), _window_valid(num_valid, self.window), num_valid - 1
@@ -311,8 +310,7 @@ class FlatTransformerEncoder(ContextEncoder):
         # The embedding is per token: embed the episode's tokens and its past windows once, then
         # gather every step's sequence from the embeddings (positions are added per sequence).
         episodes, length = tokens.shape[:2]
-        step = torch.arange(length, device=tokens.device).expand(episodes, length)
-        windows, num_valid = current_windows(self.encoder.embed(tokens), step, self.window)  # [E, L, T, d]
+        windows, num_valid = every_step_windows(self.encoder.embed(tokens), self.window)  # [E, L, T, d]
         past = self.encoder.embed(cache["past_windows"].flatten(1, 2))  # [E, (N-1) T, d]
         num_past = past.shape[1]
         past_valid = cache["past_valid"].repeat_interleave(self.window, dim=1)
