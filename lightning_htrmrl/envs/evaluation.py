@@ -44,7 +44,7 @@ _WORKER_ENV: TrialEnv | None = None  # an evaluation worker process's env
 def _start_worker(benchmark: TaskDistribution, split: Split, num_envs: int, seed: int) -> None:
     global _WORKER_ENV
     torch.set_num_threads(1)  # one core per worker: the workers are as many as the cores
-    _WORKER_ENV = benchmark.make_env(split, num_envs, seed=seed, cycle_tasks=True)
+    _WORKER_ENV = make_shard_env(benchmark, split, num_envs, seed, part=0, parts=1)  # each run sets its part
 
 
 def _run_part(
