@@ -2,8 +2,8 @@
 
 Each figure is a real ``htrmrl fit`` run in its own process group on the same benchmark config;
 the frame rate is the steady-state ``time/fps`` the module logs (frames of all processes per
-second, first batch excluded). The global meta-batch is the same in both runs
-(``ddp.split_meta_batch``). The last output line is one JSON object with the ratio.
+second, first batch excluded). The global meta-batch is the same in both runs (``data.num_envs``
+counts slots over all processes). The last output line is one JSON object with the ratio.
 
 Usage: ``python benchmarks/ddp_scaling.py [--benchmark point_robot] [--accelerator cpu|gpu] [--epochs 2]``.
 """

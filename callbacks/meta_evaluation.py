@@ -51,18 +51,19 @@ class MetaTestEvaluation(Callback):
 
     Memory is kept across the episodes of a trial and cleared between trials, exactly as in
     training. It also runs on ``htrmrl validate`` / ``htrmrl test`` (no training). After every
-    evaluation, rank 0 writes ``meta_test.json`` (overall, per-episode-index and per-task results,
-    the frame count and the checkpoint evaluated) and ``adaptation_curve.png`` (success and return
-    per episode index, held-out tasks vs the latest training batch) into the run directory.
+    evaluation, rank 0 writes ``meta_test.json`` (overall, per-episode-index and per-task results
+    with the trials each task got, the frame count and the checkpoint evaluated) and
+    ``adaptation_curve.png`` (success and return per episode index, held-out tasks vs the latest
+    training batch) into the run directory.
 
     Logs ``{prefix}/success``, ``{prefix}/return`` and, for ``k = 1..K``,
     ``{prefix}/success_ep{k}`` and ``{prefix}/return_ep{k}`` (an episode is a success if the task is
     solved at any of its steps); ``{prefix}/success_ci95``, the half-width of the normal 95 %
     confidence interval of ``{prefix}/success`` over trials (trials are the independent units: the
     episodes of a trial share a task); ``time/eval_s``, the evaluation's wall time, and
-    ``time/elapsed_min``, the training wall time when it ended. Under DDP each process evaluates its
-    own share of the tasks and the means are reduced with torchmetrics, so the numbers do not depend
-    on the number of processes.
+    ``time/elapsed_min``, the training wall time when it ended. Under DDP each process runs its
+    parts of the trials and the means are reduced with torchmetrics; the trials and their results
+    do not depend on the number of processes.
 
     Args:
         every_n_epochs: evaluation period in training epochs; the last epoch (``max_epochs`` or a
@@ -70,8 +71,11 @@ class MetaTestEvaluation(Callback):
         num_trials: trials per evaluation; ``None``: one per task of ``split``. Tasks are assigned
             in a fixed order, so the same tasks are evaluated every time and ``num_trials`` equal to
             the number of tasks covers each exactly once.
-        num_envs: env slots per worker process (at most its share of ``num_trials``); ``None``:
-            ``data.num_envs``.
+        num_envs: slots of one part of the evaluation; ``None``: ``data.num_envs``. The trials are
+            cut into ``ceil(num_trials / num_envs)`` parts with their own seeds, which the DDP
+            processes and their workers share out, so every trial's result is the same at any
+            number of processes (see :mod:`lightning_htrmrl.envs.evaluation`); fewer slots, more
+            parts to spread.
         num_workers: worker processes that run the trials (started at the first evaluation and
             kept), each with its own envs and a CPU copy of the policy, as training's collector
             processes: evaluation uses every core. 1: the trials run in the trainer process.
@@ -152,10 +156,15 @@ class MetaTestEvaluation(Callback):
         trials = self._get_trials(trainer, pl_module)
         exploration = ExplorationType.DETERMINISTIC if self.deterministic else ExplorationType.RANDOM
         k, length = trainer.datamodule.episodes_per_trial, trainer.datamodule.episode_length
-        # Under DDP every process runs its share of the trials; the means are synced below.
+        # Under DDP every process runs its parts of the trials; the means are synced below.
         rollout, _ = trials.run(pl_module, exploration)
         self.latest_rollout = rollout
-        success, returns = episode_outcomes(rollout, k, length)
+        if rollout is None:  # more processes than parts: this one has no trial
+            success = returns = torch.zeros(0, k, device=pl_module.device)
+            task_ids = torch.zeros(0, dtype=torch.long, device=pl_module.device)
+        else:
+            success, returns = episode_outcomes(rollout, k, length)
+            task_ids = rollout["task_id"][:, 0].to(pl_module.device)
         per_episode = {"success": success, "return": returns}
         metrics: dict[str, torch.Tensor] = {}
         for name, values in per_episode.items():
@@ -163,12 +172,10 @@ class MetaTestEvaluation(Callback):
             for episode in range(k):
                 metrics[f"{self.prefix}/{name}_ep{episode + 1}"] = self._mean(values[:, episode], pl_module)
         # Per-task results need every process's trials: gather (a collective, on all ranks). Shares
-        # differ by at most one trial per worker: pad to the largest (task -1) and drop the padding.
-        task_ids = rollout["task_id"][:, 0].to(pl_module.device)
+        # differ by up to a part: pad to the largest (task -1) and drop the padding.
         trial_success = success.mean(-1).to(pl_module.device)
         if trainer.world_size > 1:
-            size = trials.rounds * trials.slots * len(trials.parts)
-            pad = size - len(task_ids)
+            pad = trials.largest_share - len(task_ids)
             task_ids = pl_module.all_gather(F.pad(task_ids, (0, pad), value=-1)).flatten()
             trial_success = pl_module.all_gather(F.pad(trial_success, (0, pad))).flatten()
             trial_success, task_ids = trial_success[task_ids >= 0], task_ids[task_ids >= 0]
@@ -186,18 +193,20 @@ class MetaTestEvaluation(Callback):
         }
 
     def _task_table(self, trainer: Trainer, task_ids: torch.Tensor, success: torch.Tensor) -> dict[str, dict]:
-        """Mean success over the episodes of each task's trials, by task and (Meta-World) by class."""
+        """Mean success over the episodes of each task's trials, by task and (Meta-World) by class,
+        and how many trials each task and class got."""
         benchmark = trainer.datamodule.benchmark
         names = benchmark.task_names(self.split)
         classes = benchmark.task_classes(self.split) if hasattr(benchmark, "task_classes") else None
-        table: dict[str, dict] = {"per_task": {}, "per_class": {}}
-        for key, labels in (("per_task", names), ("per_class", classes)):
+        table: dict[str, dict] = {"per_task": {}, "per_class": {}, "trials_per_task": {}, "trials_per_class": {}}
+        for key, labels in (("task", names), ("class", classes)):
             if labels is None:
                 continue
             groups: dict[str, list[float]] = {}
             for task, value in zip(task_ids.tolist(), success.tolist()):
                 groups.setdefault(labels[task], []).append(value)
-            table[key] = {label: sum(v) / len(v) for label, v in sorted(groups.items())}
+            table[f"per_{key}"] = {label: sum(v) / len(v) for label, v in sorted(groups.items())}
+            table[f"trials_per_{key}"] = {label: len(v) for label, v in sorted(groups.items())}
         return table
 
     @staticmethod

@@ -8,6 +8,7 @@ repeated in YAML.
 
 from __future__ import annotations
 
+import os
 import sys
 from argparse import ArgumentError
 
@@ -87,8 +88,38 @@ class HTrMRLCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit":
+            check_slots_per_process(config)
         place_run_files(config.trainer)
         share_run_directory(config.trainer.logger)
+
+
+def planned_world_size(trainer_config) -> int | None:
+    """The number of training processes the trainer config (or a launcher such as torchrun) asks
+    for, or None where only the strategy's setup knows (``devices: auto`` or -1)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    devices = trainer_config.get("devices")
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, (list, tuple)):
+        devices = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        devices = len([d for d in devices.split(",") if d.strip()])
+    if not isinstance(devices, int) or devices < 1:
+        return None
+    return devices * int(trainer_config.get("num_nodes") or 1)
+
+
+def check_slots_per_process(config) -> None:
+    """``data.num_envs`` is shared out over the processes: each needs at least one slot."""
+    world_size = planned_world_size(config.trainer)
+    num_envs = config.get("data", {}).get("num_envs")
+    if world_size and isinstance(num_envs, int) and 0 < num_envs < world_size:
+        raise ConfigError(
+            f"data.num_envs ({num_envs}) must be >= the number of processes ({world_size}, trainer.devices x "
+            "trainer.num_nodes): each collects a share of the slots"
+        )
 
 
 def main(args: list[str] | None = None) -> None:

@@ -81,9 +81,12 @@ class MetaRLDataModule(LightningDataModule):
 
     Args:
         benchmark: the task distribution (class path and options).
-        num_envs: ``M``, env slots stepped as one batch per collector process.
-        trials_per_env: trials each slot runs per batch (a batch is ``M * trials_per_env`` trials).
-        num_collectors: collector processes (1: collect in the training process).
+        num_envs: ``M``, env slots of one collector process, counted over all DDP processes: each
+            DDP process steps its share (``M // world_size``, one more on the first
+            ``M % world_size`` processes) in each of its collectors, so a batch holds
+            ``num_collectors * M * trials_per_env`` trials at any number of processes.
+        trials_per_env: trials each slot runs per batch.
+        num_collectors: collector processes of each DDP process (1: collect in the training process).
         iterations_per_epoch: training steps (collected batches) per Lightning epoch.
         seed: seeds task sampling and window sampling.
     """
@@ -139,12 +142,33 @@ class MetaRLDataModule(LightningDataModule):
 
     @property
     def frames_per_batch(self) -> int:
-        """Frames per training batch over all collector processes (always whole trials)."""
+        """Frames per training batch over all collector and DDP processes (always whole trials)."""
         return self.num_collectors * self.num_envs * self.trials_per_env * self.trial_frames
+
+    @property
+    def world(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of this DDP process (``(0, 1)`` without a trainer)."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    @property
+    def local_num_envs(self) -> int:
+        """This DDP process's share of ``num_envs``: the slots each of its collectors steps."""
+        rank, world_size = self.world
+        return self.num_envs // world_size + (rank < self.num_envs % world_size)
+
+    def setup(self, stage: str) -> None:
+        _, world_size = self.world
+        if stage == "fit" and self.num_envs < world_size:
+            raise ConfigError(
+                f"data.num_envs ({self.num_envs}) must be >= the number of processes ({world_size}): "
+                "each collects a share of the slots"
+            )
 
     def process_seed(self, worker: int = 0) -> int:
         """Seed of one collector process's envs: distinct for every (seed, rank, worker)."""
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rank, _ = self.world
         return int(np.random.SeedSequence([self.seed, rank, worker]).generate_state(1)[0])
 
     def env_factory(self, worker: int = 0, in_own_process: bool = False) -> partial:
@@ -157,16 +181,16 @@ class MetaRLDataModule(LightningDataModule):
         seed = self.process_seed(worker)
         # Action noise of a collector process: a fresh stream after a resume (seeded by the batch count).
         torch_seed = seed + self.batches_collected if in_own_process else None
-        return partial(make_train_env, self.benchmark, self.num_envs, seed, start, torch_seed)
+        return partial(make_train_env, self.benchmark, self.local_num_envs, seed, start, torch_seed)
 
     @property
     def batches_collected(self) -> int:
-        """Batches this process has collected: the model's frame count (all processes, saved in
-        checkpoints) over the frames of one batch of every process."""
+        """Batches collected so far: the model's frame count (all processes, saved in checkpoints)
+        over the frames of one batch."""
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None:
             return 0
-        return int(module.frames) // (self.frames_per_batch * self.trainer.world_size)
+        return int(module.frames) // self.frames_per_batch
 
     def build_collector(self, policy, device: torch.device | str = "cpu") -> Collector:
         """A TorchRL Collector of whole-trial batches over the train split.
@@ -183,7 +207,7 @@ class MetaRLDataModule(LightningDataModule):
         own CUDA context. With one collector the policy runs here, on ``device``.
         """
         common = dict(
-            frames_per_batch=self.frames_per_batch,
+            frames_per_batch=self.num_collectors * self.local_num_envs * self.trials_per_env * self.trial_frames,
             total_frames=-1,
             env_device="cpu",
             auto_register_policy_transforms=False,

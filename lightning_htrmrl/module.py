@@ -93,7 +93,7 @@ class MetaPPO(LightningModule):
             ending at that episode's highest-reward step). The starts are stored in the batch, so
             training recomputes exactly what was collected either way.
         ppo_epochs: passes over the batch per training step.
-        episodes_per_minibatch: episodes per gradient step.
+        episodes_per_minibatch: episodes per gradient step, over all DDP processes.
         max_grad_norm: gradient-norm clip.
         optimizer: optimizer class and arguments (``lr`` must be > 0).
         lr_scheduler: optional learning-rate schedule (a ``torch.optim.lr_scheduler`` class and
@@ -230,7 +230,7 @@ class MetaPPO(LightningModule):
         if self.hparams.normalize_rewards:
             returns = reward2go(reward, done, self.hparams.gamma, time_dim=-2)
             # Every process normalises with the same statistics (those of all processes' returns).
-            self.return_stats.update(self.all_gather(returns) if self._world_size > 1 else returns)
+            self.return_stats.update(returns, self.all_gather if self._world_size > 1 else None)
             reward = reward / self.return_stats.std
         gae_input = TensorDict(
             {
@@ -250,12 +250,32 @@ class MetaPPO(LightningModule):
             or self._buffer.storage.device != self.device
         ):
             self._buffer = TensorDictReplayBuffer(
-                storage=LazyTensorStorage(num_episodes, device=self.device),
-                sampler=SamplerWithoutReplacement(),
-                batch_size=min(self.hparams.episodes_per_minibatch, num_episodes),
+                storage=LazyTensorStorage(num_episodes, device=self.device), sampler=SamplerWithoutReplacement()
             )
         self._buffer.empty()
         return self._buffer
+
+    def minibatch_sizes(self, num_episodes: int) -> tuple[list[int], list[float]]:
+        """This process's minibatch sizes for one pass over its ``num_episodes`` episodes, and the
+        weight of each minibatch's loss.
+
+        ``episodes_per_minibatch`` counts episodes over all DDP processes, so a gradient step sees
+        the same number of episodes at any process count. Every process makes the same number of
+        steps (DDP averages their gradients at each one); when the processes hold different numbers
+        of episodes (uneven shares of ``data.num_envs``), a process's loss is weighted by its share
+        of the step's episodes, so the averaged gradient is that of the mean over all of them.
+        With one process: ``ceil(n / episodes_per_minibatch)`` near-equal minibatches of weight 1.
+        """
+        if self._world_size > 1:
+            counts = self.all_gather(torch.tensor(num_episodes, device=self.device)).flatten().tolist()
+        else:
+            counts = [num_episodes]
+        steps = min(-(-sum(counts) // self.hparams.episodes_per_minibatch), min(counts))
+        sizes = [[len(chunk) for chunk in torch.arange(count).tensor_split(steps)] for count in counts]
+        totals = [sum(column) for column in zip(*sizes, strict=True)]
+        rank = self.global_rank if self._world_size > 1 else 0
+        weights = [size * len(counts) / total for size, total in zip(sizes[rank], totals, strict=True)]
+        return sizes[rank], weights
 
     def on_train_start(self) -> None:
         self._fit_clock = time.perf_counter()
@@ -277,16 +297,18 @@ class MetaPPO(LightningModule):
         records = self.episode_records(batch).select(*UPDATE_KEYS)
         buffer = self._episode_buffer(len(records))
         buffer.extend(records)
+        sizes, weights = self.minibatch_sizes(len(records))
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         updates = 0
         for _ in range(self.hparams.ppo_epochs):
-            for minibatch in buffer:
+            for size, weight in zip(sizes, weights, strict=True):
+                minibatch = buffer.sample(size)  # without replacement: a pass covers every episode once
                 steps = minibatch["steps"].clone(False)
                 steps["features"] = self.episode_features(minibatch)
                 losses = self.loss_module(steps)
                 loss = sum(losses[key] for key in LOSS_KEYS if key in losses.keys())
                 optimizer.zero_grad()
-                self.manual_backward(loss)
+                self.manual_backward(loss * weight if weight != 1.0 else loss)
                 self.clip_gradients(
                     optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm"
                 )
@@ -339,9 +361,11 @@ class MetaPPO(LightningModule):
             if self.hparams.normalize_inputs:
                 self.update_input_norm(batch)
         metrics.update(self.trial_metrics(batch, "meta_train"))
-        # Frames and fps count every process (batches are equal-sized), so curves from runs on
-        # different numbers of devices share one x-axis.
-        frames = batch.numel() * self._world_size
+        # Frames and fps count every process (their shares may differ by a slot), so curves from
+        # runs on different numbers of devices share one x-axis.
+        frames = batch.numel()
+        if self._world_size > 1:
+            frames = int(self.trainer.strategy.reduce(torch.tensor(frames, device=self.device), reduce_op="sum"))
         self.frames += frames
         # Where the wall time goes: waiting for the collector vs the PPO update (per iteration).
         now = time.perf_counter()

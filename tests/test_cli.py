@@ -105,7 +105,7 @@ def test_tiny_fit_writes_metrics(tmp_path: Path) -> None:
 
 
 def test_lr_schedule_steps_once_per_ppo_iteration(tmp_path: Path) -> None:
-    # CleanRL-style linear annealing from the config; the first batch only initialises the input
+    # Any torch scheduler is stepped once per PPO update; the first batch only initialises the input
     # statistics, so the two PPO updates run at lr x 1 and x 3/4 of LinearLR(total_iters=4).
     schedule = ["--model.lr_scheduler", "torch.optim.lr_scheduler.LinearLR",
                 "--model.lr_scheduler.start_factor", "1.0", "--model.lr_scheduler.end_factor", "0.0",
@@ -160,6 +160,10 @@ BAD_INPUTS = {  # name: (extra arguments, the key the error line must name)
     "config_not_yaml": (["--config", str(REPO / "tests" / "data" / "not_yaml.yaml")], "not_yaml.yaml"),
     "config_missing": (["--config", str(REPO / "tests" / "data" / "missing.yaml")], "missing.yaml"),
     "config_is_a_folder": (["--config", str(REPO / "tests" / "data")], "tests/data"),
+    "fewer_slots_than_processes": (
+        ["--config", str(CONF / "trainer" / "ddp.yaml"), "--trainer.devices", "3", "--data.num_envs", "2"],
+        "data.num_envs (2) must be >= the number of processes (3",
+    ),
     "ckpt_path_last_nothing_to_resume": (["--ckpt_path", "last"], "ckpt_path last"),
     "ckpt_path_best_nothing_to_evaluate": (["--ckpt_path", "best"], "ckpt_path best"),
 }
