@@ -36,6 +36,7 @@ from lightning_htrmrl.models import ContextEncoder, HierarchicalEncoder, make_ac
 from lightning_htrmrl.models.heads import Distribution
 from lightning_htrmrl.models.normalization import RunningMeanStd
 from lightning_htrmrl.runs import CHECKPOINT_KEY, library_versions
+from lightning_htrmrl.schedule import LinearToBudget, budget_progress
 from lightning_htrmrl.trials import episode_outcomes, last_step_of_episode
 from lightning_htrmrl.validation import ConfigError, require_positive
 
@@ -96,10 +97,10 @@ class MetaPPO(LightningModule):
         episodes_per_minibatch: episodes per gradient step, over all DDP processes.
         max_grad_norm: gradient-norm clip.
         optimizer: optimizer class and arguments (``lr`` must be > 0).
-        lr_scheduler: optional learning-rate schedule (a ``torch.optim.lr_scheduler`` class and
-            arguments), stepped once per PPO iteration (collected batch), e.g. ``LinearLR`` with
-            ``end_factor: 0`` and ``total_iters`` = epochs x ``data.iterations_per_epoch`` for
-            CleanRL-style annealing. ``None``: constant.
+        lr_scheduler: optional learning-rate schedule. ``lightning_htrmrl.schedule.LinearToBudget``
+            (the shipped configs' CleanRL-style annealing) follows the fit's budget by itself, epochs
+            or ``max_time``; any other ``torch.optim.lr_scheduler`` class is stepped once per PPO
+            update. ``None``: constant.
     """
 
     def __init__(
@@ -172,6 +173,7 @@ class MetaPPO(LightningModule):
         check_learning_rate(optimizer)
         self.automatic_optimization = False
         self.register_buffer("frames", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ppo_updates", torch.zeros((), dtype=torch.long))  # PPO updates of the fit
         self.return_stats = RunningMeanStd()
         self._last_batch_end: float | None = None
         self._elapsed_s = 0.0  # training wall time before this process's fit started (resumed runs)
@@ -289,6 +291,20 @@ class MetaPPO(LightningModule):
         # Evaluation and collector start-up happen between epochs: keep them out of the timings.
         self._last_batch_end = None
 
+    def set_learning_rate(self) -> float:
+        """Apply the schedule's rate for the coming PPO update and return it.
+
+        ``LinearToBudget`` is set from the fraction of the fit's budget spent; another scheduler is
+        stepped after every update but the first (manual optimization: Lightning leaves stepping to us).
+        """
+        scheduler = self.lr_schedulers()
+        if isinstance(scheduler, LinearToBudget):
+            first_batch_trains = not self.hparams.normalize_inputs
+            scheduler.set_progress(budget_progress(self.trainer, int(self.ppo_updates), first_batch_trains))
+        elif scheduler is not None and self.ppo_updates > 0:
+            scheduler.step()
+        return self.optimizers().param_groups[0]["lr"]
+
     def ppo_update(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         """GAE, then ``ppo_epochs`` passes over minibatches of episodes; returns the mean losses."""
         optimizer = self.optimizers()
@@ -352,12 +368,10 @@ class MetaPPO(LightningModule):
         if self.hparams.normalize_inputs and not self.encoder.input_norm.initialized:
             self.update_input_norm(batch)  # collected without statistics: it only initialises them
         else:
+            metrics["train/lr"] = torch.tensor(self.set_learning_rate())
             metrics.update(self.ppo_update(batch))
             self.check_finite(metrics)
-            metrics["train/lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
-            scheduler = self.lr_schedulers()
-            if scheduler is not None:
-                scheduler.step()  # manual optimization: Lightning leaves the stepping to us
+            self.ppo_updates += 1
             if self.hparams.normalize_inputs:
                 self.update_input_norm(batch)
         metrics.update(self.trial_metrics(batch, "meta_train"))
@@ -408,6 +422,10 @@ class MetaPPO(LightningModule):
         state = checkpoint.get("state_dict", {})
         for key, value in self.encoder.input_norm.state_dict(prefix="encoder.input_norm.").items():
             state.setdefault(key, value)
+        # Checkpoints written before updates were counted: one update per batch after the first.
+        batches = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        done = batches.get("total", {}).get("completed", 0)
+        state.setdefault("ppo_updates", torch.tensor(max(done - int(self.hparams.normalize_inputs), 0)))
         rng_state = checkpoint[CHECKPOINT_KEY].get("torch_rng_state")
         if rng_state is not None:
             torch.set_rng_state(rng_state)  # action sampling continues where it stopped
