@@ -96,10 +96,8 @@ def test_matches_raw_metaworld_env(ml1: MetaWorld) -> None:
     env.close()
 
 
-def test_train_env_never_terminates_on_success() -> None:
-    """A scripted reacher succeeds early; the episode and trial still run to their full length."""
-    length = 60
-    env = MetaWorld("ML1", "reach-v3", episode_length=length, episodes_per_trial=1).make_env("train", num_envs=1)
+def _reacher(env: MetaWorldEnv):
+    """A scripted policy that moves the hand straight to slot 0's goal."""
 
     def reacher(td: TensorDictBase) -> TensorDictBase:
         goal = torch.as_tensor(env._slot_env[0]._target_pos, dtype=torch.float32)
@@ -107,7 +105,14 @@ def test_train_env_never_terminates_on_success() -> None:
         td.set("action", torch.cat([delta, torch.zeros(1)]).clamp(-1, 1).unsqueeze(0))
         return td
 
-    td = env.rollout(length, reacher, break_when_any_done=False)
+    return reacher
+
+
+def test_train_env_never_terminates_on_success() -> None:
+    """A scripted reacher succeeds early; the episode and trial still run to their full length."""
+    length = 60
+    env = MetaWorld("ML1", "reach-v3", episode_length=length, episodes_per_trial=1).make_env("train", num_envs=1)
+    td = env.rollout(length, _reacher(env), break_when_any_done=False)
     success = td["next", "success"][0]
     assert success.any() and not success[0]  # reached the goal during the episode
     first = int(success.nonzero()[0])
@@ -116,6 +121,17 @@ def test_train_env_never_terminates_on_success() -> None:
     done = td["next", "done"][0].squeeze(-1)
     assert done[-1] and not done[:-1].any()
     assert td.batch_size == (1, length)  # it kept stepping after the success
+    env.close()
+
+
+def test_success_only_reward_is_one_exactly_where_the_task_is_solved() -> None:
+    benchmark = MetaWorld("ML1", "reach-v3", episode_length=60, episodes_per_trial=1, reward="success")
+    assert benchmark.describe()["reward"] == "success"  # stored in checkpoints and meta_test.json
+    env = benchmark.make_env("train", num_envs=1)
+    td = env.rollout(60, _reacher(env), break_when_any_done=False)
+    success, reward = td["next", "success"][0], td["next", "reward"][0, :, 0]
+    assert success.any() and not success.all()
+    assert torch.equal(reward, success.float())
     env.close()
 
 
@@ -194,6 +210,7 @@ def test_ml45_splits_are_disjoint_classes() -> None:
         (dict(benchmark="ML10", task_name="reach-v3"), ["task_name must be null for ML10"]),
         (dict(episode_length=501), ["episode_length must be <= 500"]),
         (dict(hidden_observation_dims=[4, 39]), ["hidden_observation_dims must be indices in [0, 38]"]),
+        (dict(reward="sparse"), ["reward must be one of ['metaworld', 'success'], got 'sparse'"]),
     ],
 )
 def test_bad_config_fails_fast_without_benchmark(monkeypatch, kwargs: dict, needles: list[str]) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import importlib.metadata
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 BENCHMARKS: tuple[str, ...] = ("ML1", "ML10", "ML45")
 MAX_PATH_LENGTH = 500  # Meta-World's max_path_length: a raw env raises if stepped past it
 REWARD_FUNCTION_VERSION = "v2"  # passed to every env class (also Meta-World's default)
+Reward = Literal["metaworld", "success"]
+REWARDS = ("metaworld", "success")
 OBS_DIM = 39
 ACTION_DIM = 4
 _KEY = "data.benchmark.init_args"  # where the options live in the config (error messages)
@@ -86,6 +88,8 @@ class MetaWorldEnv(TrialEnv):
         classes: env class name -> env class, covering every ``task.env_name`` in ``tasks``.
         reward_scale: factor applied to Meta-World's reward (0..10 per step) before it is emitted
             (and before it enters the token).
+        reward: ``metaworld`` (its shaped reward, times ``reward_scale``) or ``success`` (1 at
+            every step where the task is solved, else 0; ``reward_scale`` is not applied).
         reward_function_version: Meta-World reward version passed to the env classes.
         max_pooled: most idle instances kept for reuse (default ``num_envs``).
         hidden_observation_dims: observation entries replaced by 0 before the policy sees them.
@@ -102,6 +106,7 @@ class MetaWorldEnv(TrialEnv):
         classes: Mapping[str, type],
         *,
         reward_scale: float = 1.0,
+        reward: Reward = "metaworld",
         reward_function_version: str = REWARD_FUNCTION_VERSION,
         max_pooled: int | None = None,
         hidden_observation_dims: Sequence[int] = (),
@@ -114,6 +119,7 @@ class MetaWorldEnv(TrialEnv):
         self.tasks = list(tasks)
         self.classes = dict(classes)
         self.reward_scale = float(reward_scale)
+        self.reward = reward
         self.reward_function_version = reward_function_version
         self.hidden_observation_dims = list(hidden_observation_dims)
         self.task_class_names = [t.env_name for t in self.tasks]
@@ -188,9 +194,10 @@ class MetaWorldEnv(TrialEnv):
             reward_buf[i] = reward
             success_buf[i] = info["success"]  # python float 0.0/1.0 (False after a sim exception)
         obs_buf[:, self.hidden_observation_dims] = 0.0
+        reward = success_buf if self.reward == "success" else reward_buf * self.reward_scale
         return (
             torch.from_numpy(obs_buf.copy()),
-            torch.from_numpy((reward_buf * self.reward_scale).astype(np.float32)),
+            torch.from_numpy(reward.astype(np.float32)),
             torch.from_numpy(success_buf.copy()),
         )
 
@@ -226,6 +233,11 @@ class MetaWorld(TaskDistribution):
             ``[4, 5, 6, 22, 23, 24]`` hides reach-v3's puck, whose position is drawn with the goal
             and so identifies each training goal (a shortcut to memorising them; hidden in
             ``conf/benchmark/ml1_reach.yaml``).
+        reward: ``metaworld`` (default: Meta-World's shaped reward, times ``reward_scale``) or
+            ``success`` (1 at every step where the task is solved, else 0): with a success-only
+            reward nothing tells an agent where the goal lies until it reaches it, so a goal found
+            in one episode must be remembered in the next (the case cross-episode memory is for).
+            Stored in checkpoints and ``meta_test.json`` (``describe``).
 
     The constructor only validates; the metaworld benchmark object is built on first use
     (:meth:`task_names`, :meth:`make_env`, ...) and cached per process.
@@ -243,8 +255,11 @@ class MetaWorld(TaskDistribution):
         seed: int = 0,
         reward_scale: float = 0.1,
         hidden_observation_dims: list[int] | None = None,
+        reward: Reward = "metaworld",
     ) -> None:
         super().__init__(episode_length, episodes_per_trial)
+        if reward not in REWARDS:
+            raise ConfigError(f"{_KEY}.reward must be one of {list(REWARDS)}, got {reward!r}")
         hidden = list(hidden_observation_dims or [])
         if any(isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < OBS_DIM for d in hidden):
             raise ConfigError(
@@ -271,6 +286,7 @@ class MetaWorld(TaskDistribution):
         self.seed = seed
         self.reward_scale = float(reward_scale)
         self.hidden_observation_dims = hidden
+        self.reward = reward
 
     # ------------------------------------------------------------------ splits
     def metaworld_benchmark(self) -> Benchmark:
@@ -318,6 +334,7 @@ class MetaWorld(TaskDistribution):
             self.tasks(split),
             self.classes(split),
             reward_scale=self.reward_scale,
+            reward=self.reward,
             hidden_observation_dims=self.hidden_observation_dims,
             num_envs=num_envs,
             episode_length=self.episode_length,
@@ -334,6 +351,7 @@ class MetaWorld(TaskDistribution):
             task_name=self.task_name,
             benchmark_seed=self.seed,
             reward_scale=self.reward_scale,
+            reward=self.reward,
             hidden_observation_dims=self.hidden_observation_dims,
             reward_function_version=REWARD_FUNCTION_VERSION,
             metaworld_version=importlib.metadata.version("metaworld"),
