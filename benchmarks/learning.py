@@ -6,7 +6,9 @@ core), for ``--minutes`` of wall clock or ``--frames`` env frames. From the run'
 success and return per episode index of the trial, frames, minutes) and writes one result file per
 finished run, ``<out>/<variant>/seed<S>.json``. A result file that exists is not run again, so an
 interrupted benchmark continues where it stopped; a file made with another resolved config is
-refused (use another ``--out``).
+refused (use another ``--out``). A run that was stopped before it finished (Ctrl-C, SIGTERM, the
+machine going away) continues from its last epoch's ``last.ckpt`` (``--ckpt_path``) when the
+benchmark is started again with the same config, and its curve joins the folders of both parts.
 
 After training, the run's final weights (its ``last.ckpt``) are evaluated once more with
 ``htrmrl validate`` on ``--final-repeats`` times the trials of one in-training evaluation (ML1: 3
@@ -252,16 +254,56 @@ def add_final_evaluation(result: dict, work: Path, repeats: int, result_file: Pa
     return result
 
 
+def run_folders(root: Path) -> list[Path]:
+    """The ``<root>/<name>/version_N`` folders of one (variant, seed), oldest first (a resumed
+    run continues in a new one)."""
+    def number(run: Path) -> int:
+        digits = run.name.removeprefix("version_")
+        return int(digits) if digits.isdigit() else -1
+
+    return sorted(root.glob("*/version_*"), key=number)
+
+
+def resumable_checkpoint(work: Path, config: dict) -> Path | None:
+    """The ``last.ckpt`` of an interrupted run of ``config`` in ``work`` (None: start afresh)."""
+    for run in reversed(run_folders(work / "runs")):
+        checkpoint, saved = run / "checkpoints" / "last.ckpt", run / "config.yaml"
+        if checkpoint.is_file() and saved.is_file():
+            stored = yaml.safe_load(saved.read_text())
+            for key in RUN_SPECIFIC_KEYS:
+                stored.pop(key, None)
+            if same_config(without_output_keys(stored), without_output_keys(config)):
+                return checkpoint
+            return None
+    return None
+
+
+def read_curves(root: Path) -> dict:
+    """:func:`read_curve` over the run folders of a run and its resumes, joined in order."""
+    curves = [read_curve(run) for run in run_folders(root) if (run / "metrics.csv").is_file()]
+    joined = {**curves[-1], "evaluations": [], "meta_train": []}
+    for curve in curves:
+        for key in ("evaluations", "meta_train"):
+            seen = joined[key][-1]["frames"] if joined[key] else -1
+            joined[key] += [entry for entry in curve[key] if entry["frames"] > seen]
+    joined["elapsed_min"] = max(curve["elapsed_min"] for curve in curves)
+    return joined
+
+
 def run_one(name: str, command: list[str], config: dict, seed: int, work: Path, result_file: Path) -> dict:
-    """Train one (variant, seed) and write its result file."""
+    """Train one (variant, seed), continuing an interrupted run of the same config, and write its result file."""
     work.mkdir(parents=True, exist_ok=True)
+    checkpoint = resumable_checkpoint(work, config)
+    if checkpoint is None:
+        shutil.rmtree(work / "runs", ignore_errors=True)
     log = work / "fit.log"
-    print(f"[learning] {name} seed {seed}: {' '.join(command[2:])}", file=sys.stderr, flush=True)
-    with log.open("w") as handle:
-        returncode = run_in_own_group(command, work, handle)
+    resume = [] if checkpoint is None else ["--ckpt_path", str(checkpoint)]
+    print(f"[learning] {name} seed {seed}: {' '.join(command[2:] + resume)}", file=sys.stderr, flush=True)
+    with log.open("a") as handle:
+        returncode = run_in_own_group(command + resume, work, handle)
     if returncode != 0:
         raise SystemExit(f"error: {name} seed {seed} failed (exit {returncode}); see {log}")
-    curve = read_curve(latest_run(work / "runs"))
+    curve = read_curves(work / "runs")
     if not curve["evaluations"]:
         raise SystemExit(f"error: {name} seed {seed} logged no held-out evaluation; see {log}")
     # The command as run from the repository root, so result files read the same on every machine.
@@ -446,7 +488,6 @@ def main() -> None:
                     )
                 print(f"[learning] {name} seed {seed}: done before ({result_file})", file=sys.stderr)
             else:
-                shutil.rmtree(work / "runs", ignore_errors=True)
                 result = run_one(name, command, config, seed, work, result_file)
             if args.final_repeats > 0 and "final_evaluation" not in result and not args.summarize_only:
                 result = add_final_evaluation(result, work, args.final_repeats, result_file)

@@ -91,3 +91,29 @@ def test_learning_benchmark_writes_results_and_resumes(tmp_path: Path) -> None:
     third = run_benchmark(tmp_path, "--seeds", "0", "--set", "model.ppo_epochs=2")
     assert third.returncode != 0
     assert "another config" in third.stderr
+
+
+def test_an_interrupted_run_continues_from_its_last_checkpoint(tmp_path: Path) -> None:
+    """The benchmark stopped (SIGTERM) after the first epoch's checkpoint: started again, the run
+    resumes from it instead of starting over, and its curve joins both parts."""
+    import signal
+    import time
+
+    command = [sys.executable, str(SCRIPT), "--benchmark", "point_robot", "--variants", "htrmrl", "--seeds", "0"]
+    epoch = 64 * 10 * 2  # 64 slots
+    command += ["--frames", str(12 * epoch), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
+    command += ["--final-repeats", "0", "--set", *TINY, "data.num_envs=64"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    work = tmp_path / "work" / "out" / "htrmrl" / "seed0"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 180
+    while not list(work.glob("runs/*/version_0/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert not (tmp_path / "out" / "htrmrl" / "seed0.json").exists()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "--ckpt_path" in again.stderr and "last.ckpt" in again.stderr
+    frames = [e["frames"] for e in json.loads((tmp_path / "out" / "htrmrl" / "seed0.json").read_text())["evaluations"]]
+    assert frames == [epoch * k for k in range(1, 13)]  # the evaluations of both parts, each once
