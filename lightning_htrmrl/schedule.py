@@ -43,9 +43,15 @@ class LinearToBudget(LRScheduler):
         return [base * factor for base in self.base_lrs]
 
     def set_progress(self, progress: float) -> None:
-        """Set the fraction of the budget spent before the coming update and apply its rate."""
+        """Set the fraction of the budget spent before the coming update and apply its rate.
+
+        The rate depends on the progress alone, not on a count of ``step()`` calls, so it is
+        written into the optimizer directly.
+        """
         self.progress = progress
-        self.step()
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def budget_progress(trainer: Trainer, updates_done: int, first_batch_trains: bool) -> float:
