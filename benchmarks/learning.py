@@ -411,12 +411,22 @@ def plot(path: Path, curves: dict[str, dict], title: str) -> None:
     plt.close(figure)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``): minutes from different CPUs are not comparable."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     import torch
 
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

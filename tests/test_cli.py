@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +57,19 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 240) -> tuple[subproces
         timeout=timeout,
     )
     return result, time.perf_counter() - start
+
+
+def stop_with_sigterm(process: subprocess.Popen, ready, timeout: float = 240) -> str:
+    """Wait until ``ready()`` (or ``timeout`` s), send SIGTERM, wait for the exit; returns stderr."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        return process.communicate(timeout=120)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def _error_lines(stderr: str) -> list[str]:

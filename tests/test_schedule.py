@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_cli import CONFIGS, TINY, run_cli
+from tests.test_cli import CONFIGS, TINY, run_cli, stop_with_sigterm
 
 BASE_LR = 1e-3
 
@@ -57,15 +55,7 @@ def test_a_resumed_run_continues_the_schedule(tmp_path: Path) -> None:
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     last = tmp_path / "runs" / "htrmrl" / "version_0" / "checkpoints" / "last.ckpt"
-    try:
-        deadline = time.monotonic() + 180
-        while not last.exists() and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    stderr = stop_with_sigterm(process, last.exists, timeout=180)
     assert process.returncode == 143, stderr[-3000:]
     done = int(torch.load(last, map_location="cpu", weights_only=False)["state_dict"]["ppo_updates"])
     assert 2 <= done < 11
