@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import csv
 import json
-import math
 import os
 import platform
 import shutil
@@ -50,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from lightning_htrmrl.statistics import confidence_half_width
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -257,6 +258,7 @@ def add_final_evaluation(result: dict, work: Path, repeats: int, result_file: Pa
 def run_folders(root: Path) -> list[Path]:
     """The ``<root>/<name>/version_N`` folders of one (variant, seed), oldest first (a resumed
     run continues in a new one)."""
+
     def number(run: Path) -> int:
         digits = run.name.removeprefix("version_")
         return int(digits) if digits.isdigit() else -1
@@ -314,15 +316,6 @@ def run_one(name: str, command: list[str], config: dict, seed: int, work: Path, 
     return result
 
 
-def t_half_width(values: list[float]) -> float | None:
-    """Half-width of the Student-t 95 % confidence interval of the mean (None for one value)."""
-    if len(values) < 2:
-        return None
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
-
-
 def step_curve(evaluations: list[dict], axis: str, grid: np.ndarray) -> np.ndarray:
     """Held-out success on ``grid`` (the latest evaluation at or before each point; NaN before the first)."""
     xs = np.array([e[axis] for e in evaluations], dtype=float)
@@ -354,7 +347,7 @@ def summarize(name: str, results: list[dict], budget: dict, target: float) -> tu
         seeds = np.stack([step_curve(r["evaluations"], axis, grid) for r in results])
         mean = seeds.mean(0)
         half = (
-            np.array([t_half_width(list(column)) or 0.0 for column in seeds.T])
+            np.array([confidence_half_width(list(column)) or 0.0 for column in seeds.T])
             if len(results) > 1
             else np.zeros_like(mean)
         )
@@ -365,7 +358,7 @@ def summarize(name: str, results: list[dict], budget: dict, target: float) -> tu
         "seeds": [r["seed"] for r in results],
         "budget": budget,
         "final_success_mean": float(np.mean(success)),
-        "final_success_ci95": t_half_width(success),
+        "final_success_ci95": confidence_half_width(success),
         "final_success_per_seed": success,
         "final_success_per_episode": per_episode.mean(0).round(4).tolist(),
         "final_success_from": final_source,

@@ -145,12 +145,16 @@ def train_fps(args: argparse.Namespace, encoder: str) -> tuple[float, float]:
         def __init__(self) -> None:
             self.ends: list[float] = []
             self.frames: list[int] = []
-            self.update_s: list[float] = []  # the module's own time/update_s
+            self.update_s: list[float] = []  # the training steps, as FrameRate's time/update_s
+            self._start = 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self._start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.ends.append(time.perf_counter())
             self.frames.append(int(pl_module.frames))
-            self.update_s.append(float(trainer.callback_metrics["time/update_s"]))
+            self.update_s.append(self.ends[-1] - self._start)
 
     module, data = shipped(args, encoder)
     clock = Clock()

@@ -19,22 +19,17 @@ from tensordict import TensorDictBase
 from torchmetrics.aggregation import MeanMetric
 from torchrl.envs.utils import ExplorationType
 
+from lightning_htrmrl.callbacks.clock import training_minutes  # noqa: E402
 from lightning_htrmrl.envs.base import Split, check_split  # noqa: E402
 from lightning_htrmrl.envs.evaluation import EvaluationTrials  # noqa: E402
 from lightning_htrmrl.metaworld_protocol import MetaWorldProtocol, check_metaworld_benchmark  # noqa: E402
 from lightning_htrmrl.metaworld_protocol import evaluate as metaworld_evaluate  # noqa: E402
 from lightning_htrmrl.runs import run_directory  # noqa: E402
+from lightning_htrmrl.statistics import confidence_half_width  # noqa: E402
 from lightning_htrmrl.trials import episode_outcomes  # noqa: E402
-from lightning_htrmrl.validation import ConfigError  # noqa: E402
+from lightning_htrmrl.validation import ConfigError, require_non_negative  # noqa: E402
 
 Protocol = Literal["trials", "metaworld"]
-
-
-def confidence_half_width(values: torch.Tensor) -> torch.Tensor:
-    """Half-width of the normal 95 % confidence interval of the mean of ``values [n]`` (0 if n < 2)."""
-    if values.numel() < 2:
-        return values.new_zeros(())
-    return 1.96 * values.std() / values.numel() ** 0.5
 
 
 def fit_ends_this_epoch(trainer: Trainer) -> bool:
@@ -58,9 +53,9 @@ class MetaTestEvaluation(Callback):
 
     Logs ``{prefix}/success``, ``{prefix}/return`` and, for ``k = 1..K``,
     ``{prefix}/success_ep{k}`` and ``{prefix}/return_ep{k}`` (an episode is a success if the task is
-    solved at any of its steps); ``{prefix}/success_ci95``, the half-width of the normal 95 %
-    confidence interval of ``{prefix}/success`` over trials (trials are the independent units: the
-    episodes of a trial share a task); ``time/eval_s``, the evaluation's wall time, and
+    solved at any of its steps); ``{prefix}/success_ci95``, the half-width of the Student-t
+    95 % confidence interval of ``{prefix}/success`` over trials (trials are the independent units:
+    the episodes of a trial share a task; 0 for one trial); ``time/eval_s``, the evaluation's wall time, and
     ``time/elapsed_min``, the training wall time when it ended. Under DDP each process runs its
     parts of the trials and the means are reduced with torchmetrics; the trials and their results
     do not depend on the number of processes.
@@ -110,6 +105,7 @@ class MetaTestEvaluation(Callback):
                 raise ConfigError(f"meta_test.{key} must be >= 1 or null, got {value}")
         if num_workers < 1:
             raise ConfigError(f"meta_test.num_workers must be >= 1, got {num_workers}")
+        require_non_negative("meta_test.seed", seed)
         check_split(split, "meta_test.split")
         if protocol not in ("trials", "metaworld"):
             raise ConfigError(f"meta_test.protocol must be 'trials' or 'metaworld', got {protocol!r}")
@@ -126,6 +122,7 @@ class MetaTestEvaluation(Callback):
         self.seed = seed
         self.prefix = "meta_test" if split == "test" else "meta_train_eval"
         self._trials: EvaluationTrials | None = None
+        self._means: dict[str, MeanMetric] | None = None  # one torchmetrics mean per logged value
         self.latest_rollout: TensorDictBase | None = None  # this process's trials of the latest evaluation
         self.last_results: dict[str, float] = {}
         self._per_task: dict[str, dict] = {}
@@ -165,12 +162,7 @@ class MetaTestEvaluation(Callback):
         else:
             success, returns = episode_outcomes(rollout, k, length)
             task_ids = rollout["task_id"][:, 0].to(pl_module.device)
-        per_episode = {"success": success, "return": returns}
-        metrics: dict[str, torch.Tensor] = {}
-        for name, values in per_episode.items():
-            metrics[f"{self.prefix}/{name}"] = self._mean(values, pl_module)
-            for episode in range(k):
-                metrics[f"{self.prefix}/{name}_ep{episode + 1}"] = self._mean(values[:, episode], pl_module)
+        metrics = self._episode_means({"success": success, "return": returns}, pl_module.device)
         # Per-task results need every process's trials: gather (a collective, on all ranks). Shares
         # differ by up to a part: pad to the largest (task -1) and drop the padding.
         trial_success = success.mean(-1).to(pl_module.device)
@@ -180,7 +172,8 @@ class MetaTestEvaluation(Callback):
             trial_success = pl_module.all_gather(F.pad(trial_success, (0, pad))).flatten()
             trial_success, task_ids = trial_success[task_ids >= 0], task_ids[task_ids >= 0]
         self._per_task = self._task_table(trainer, task_ids.cpu(), trial_success.cpu())
-        metrics[f"{self.prefix}/success_ci95"] = confidence_half_width(trial_success.float())
+        half_width = confidence_half_width(trial_success.tolist())
+        metrics[f"{self.prefix}/success_ci95"] = torch.tensor(half_width or 0.0)
         return metrics
 
     def evaluate_metaworld(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
@@ -209,11 +202,22 @@ class MetaTestEvaluation(Callback):
             table[f"trials_per_{key}"] = {label: len(v) for label, v in sorted(groups.items())}
         return table
 
-    @staticmethod
-    def _mean(values: torch.Tensor, pl_module: LightningModule) -> torch.Tensor:
-        metric = MeanMetric().to(pl_module.device)
-        metric.update(values.to(pl_module.device))
-        return metric.compute()
+    def _episode_means(self, per_episode: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        """``{prefix}/{name}`` and ``{prefix}/{name}_ep{k}``: means over every process's trials of
+        each ``values [trials, K]`` (torchmetrics, built once and reset after every evaluation)."""
+        columns = {}
+        for name, values in per_episode.items():
+            columns[f"{self.prefix}/{name}"] = values
+            columns.update({f"{self.prefix}/{name}_ep{k + 1}": values[:, k] for k in range(values.shape[1])})
+        if self._means is None or set(self._means) != set(columns):
+            self._means = {key: MeanMetric() for key in columns}
+        metrics = {}
+        for key, values in columns.items():
+            mean = self._means[key].to(device)
+            mean.update(values.to(device))
+            metrics[key] = mean.compute()
+            mean.reset()
+        return metrics
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._trials is not None:  # stops the worker processes
@@ -240,7 +244,7 @@ class MetaTestEvaluation(Callback):
         evaluate = self.evaluate_metaworld if self.protocol == "metaworld" else self.evaluate
         metrics = evaluate(trainer, pl_module)
         metrics["time/eval_s"] = torch.tensor(time.perf_counter() - start)
-        metrics["time/elapsed_min"] = torch.tensor(pl_module.elapsed_minutes())
+        metrics["time/elapsed_min"] = torch.tensor(training_minutes(trainer))
         self.last_results = {key: float(value) for key, value in metrics.items()}
         pl_module.log_dict(metrics, batch_size=1)
         if trainer.state.fn == TrainerFn.FITTING:

@@ -20,7 +20,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from lightning_htrmrl.envs.base import SPLITS, Split
 from lightning_htrmrl.runs import run_directory
-from lightning_htrmrl.validation import ConfigError
+from lightning_htrmrl.validation import ConfigError, require_non_negative
 
 _KEY = "trainer.callbacks: TaskEmbeddingTSNE init_args"  # where its options live (error messages)
 
@@ -150,6 +150,7 @@ class TaskEmbeddingTSNE(Callback):
             )
         if not perplexity > 0:
             raise ConfigError(f"{_KEY}.perplexity must be > 0, got {perplexity!r}")
+        require_non_negative(f"{_KEY}.seed", seed)
         self.every_n_epochs = every_n_epochs
         self.num_trials = num_trials
         self.splits: list[Split] = splits  # type: ignore[assignment]

@@ -8,22 +8,28 @@ repeated in YAML.
 
 from __future__ import annotations
 
-import os
+import logging
 import sys
+import warnings
 from argparse import ArgumentError
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from lightning_htrmrl.callbacks import DDPScaling, MetaTestEvaluation
+from lightning_htrmrl.callbacks import DDPScaling, MetaTestEvaluation, RunProgressBar
+from lightning_htrmrl.config_checks import check_seed, check_slots_per_process, check_trainer_numbers
 from lightning_htrmrl.config_files import SUBCOMMANDS, expand_config_files
 from lightning_htrmrl.data import MetaRLDataModule
+from lightning_htrmrl.finite import NonFiniteError
 from lightning_htrmrl.metaworld_protocol import check_metaworld_benchmark
-from lightning_htrmrl.module import MetaPPO, NonFiniteError
+from lightning_htrmrl.module import MetaPPO
 from lightning_htrmrl.runs import (
     CHECKPOINT_ALIASES,
     check_checkpoint,
+    experiment_of,
     find_checkpoint,
     place_run_files,
     runs_folder,
@@ -53,6 +59,11 @@ class ConfigInCheckpoint(SaveConfigCallback):
 class HTrMRLCLI(LightningCLI):
     """LightningCLI with the data -> model links of this project."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # No `predict`: a policy acts inside a collector or an evaluation, not on a dataloader's batches.
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(MetaTestEvaluation, "meta_test")
         parser.add_lightning_class_args(DDPScaling, "ddp")
@@ -72,54 +83,54 @@ class HTrMRLCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:
             config = self.config[subcommand]
+            check_seed(config.get("seed_everything"))  # LightningCLI seeds before building anything
             place_run_files(config.trainer)
             ckpt_path = config.get("ckpt_path")
             if ckpt_path in CHECKPOINT_ALIASES:
-                config.ckpt_path = str(find_checkpoint(ckpt_path, runs_folder(config.trainer)))
-                print(f"ckpt_path {ckpt_path}: {config.ckpt_path}", file=sys.stderr)
+                alias = ckpt_path
+                ckpt_path = str(find_checkpoint(alias, runs_folder(config.trainer), experiment_of(config)))
+                config.ckpt_path = ckpt_path
+                print(f"ckpt_path {alias}: {ckpt_path}", file=sys.stderr)
             trained = None
-            if config.ckpt_path and config.ckpt_path not in ("hpc", "registry"):
-                trained = check_checkpoint(config.ckpt_path).get("benchmark")
+            if ckpt_path and ckpt_path not in ("hpc", "registry"):
+                trained = check_checkpoint(ckpt_path).get("benchmark")
             if config.meta_test.protocol == "metaworld":
                 benchmark = config.data.benchmark
                 facts = {key: benchmark.init_args.get(key) for key in ("benchmark", "task_name")}
                 check_metaworld_benchmark(benchmark.class_path.rsplit(".", 1)[-1], trained or None, facts)
         super()._parse_ckpt_path()
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = self._get(self.config_init, "trainer", default={})
+        configured = list(trainer.get("callbacks") or [])
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in configured):
+            kwargs["callbacks"] = [*configured, RunProgressBar()]
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as error:  # Lightning's own checks
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError(f"trainer: {error}") from None
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        check_trainer_numbers(config.trainer)
         if self.subcommand == "fit":
             check_slots_per_process(config)
         place_run_files(config.trainer)
         share_run_directory(config.trainer.logger)
 
 
-def planned_world_size(trainer_config) -> int | None:
-    """The number of training processes the trainer config (or a launcher such as torchrun) asks
-    for, or None where only the strategy's setup knows (``devices: auto`` or -1)."""
-    if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
-    devices = trainer_config.get("devices")
-    if isinstance(devices, str) and devices.strip().isdigit():
-        devices = int(devices)
-    if isinstance(devices, (list, tuple)):
-        devices = len(devices)
-    elif isinstance(devices, str) and "," in devices:
-        devices = len([d for d in devices.split(",") if d.strip()])
-    if not isinstance(devices, int) or devices < 1:
-        return None
-    return devices * int(trainer_config.get("num_nodes") or 1)
-
-
-def check_slots_per_process(config) -> None:
-    """``data.num_envs`` is shared out over the processes: each needs at least one slot."""
-    world_size = planned_world_size(config.trainer)
-    num_envs = config.get("data", {}).get("num_envs")
-    if world_size and isinstance(num_envs, int) and 0 < num_envs < world_size:
-        raise ConfigError(
-            f"data.num_envs ({num_envs}) must be >= the number of processes ({world_size}, trainer.devices x "
-            "trainer.num_nodes): each collects a share of the slots"
-        )
+def quiet_library_notices() -> None:
+    """Silence library messages that ask nothing of the user."""
+    # Lightning 2.6's pytree helper calls an API that torch 2.13 deprecates.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # TrialBatches' length is exact: one iterator in the main process (no DataLoader workers).
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    # TorchRL logs every replay-buffer storage it creates (one per PPO epoch) at INFO.
+    logging.getLogger("torchrl").setLevel(logging.WARNING)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
 def main(args: list[str] | None = None) -> None:
@@ -127,9 +138,11 @@ def main(args: list[str] | None = None) -> None:
 
     Bad configuration ends with one ``error:`` line and exit code 2, before anything is built;
     non-finite training with one ``error:`` line and exit code 1; SIGTERM (after the current
-    batch, Lightning's signal handling) with one line and exit code 143. Ctrl-C is Lightning's
+    batch; under DDP every process at the same point, see ``DDPScaling``) with one line and exit
+    code 143. Ctrl-C is Lightning's
     graceful shutdown (exit code 1). Collector processes are stopped in every case.
     """
+    quiet_library_notices()
     parser_kwargs = {"parser_mode": "omegaconf", "exit_on_error": False}
     try:
         if args is None:

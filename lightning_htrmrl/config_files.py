@@ -19,7 +19,7 @@ import yaml
 from lightning_htrmrl.validation import ConfigError
 
 DEFAULT_CONFIGS = ("base.yaml", "benchmark/ml1_reach.yaml", "model/htrmrl.yaml")
-SUBCOMMANDS = ("fit", "validate", "test", "predict")
+SUBCOMMANDS = ("fit", "validate", "test")
 CONFIG_FLAGS = ("-c", "--config")
 
 

@@ -13,14 +13,13 @@ from functools import partial
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.trainer.states import TrainerFn
 from tensordict import TensorDictBase
 from torch.utils.data import DataLoader, IterableDataset
 from torchrl.collectors import Collector
 
 from lightning_htrmrl.envs.base import TaskDistribution
 from lightning_htrmrl.envs.trial import TrialEnv
-from lightning_htrmrl.validation import ConfigError, require_positive
+from lightning_htrmrl.validation import ConfigError, require_non_negative, require_positive
 
 
 def _identity(batch: TensorDictBase) -> TensorDictBase:
@@ -108,6 +107,7 @@ class MetaRLDataModule(LightningDataModule):
             ("iterations_per_epoch", iterations_per_epoch),
         ):
             require_positive(f"data.{key}", value)
+        require_non_negative("data.seed", seed)
         if not isinstance(benchmark, TaskDistribution):
             raise ConfigError(f"data.benchmark must be a TaskDistribution, got {type(benchmark).__name__}")
         self.benchmark = benchmark
@@ -165,6 +165,9 @@ class MetaRLDataModule(LightningDataModule):
                 f"data.num_envs ({self.num_envs}) must be >= the number of processes ({world_size}): "
                 "each collects a share of the slots"
             )
+        if stage == "fit" and self.trainer is not None:
+            # No validation loop in fit: the held-out trials run in MetaTestEvaluation at epoch ends.
+            self.trainer.limit_val_batches = 0
 
     def process_seed(self, worker: int = 0) -> int:
         """Seed of one collector process's envs: distinct for every (seed, rank, worker)."""
@@ -238,20 +241,18 @@ class MetaRLDataModule(LightningDataModule):
         dataset = TrialBatches(self.collector, self.iterations_per_epoch, self.trial_frames)
         return DataLoader(dataset, batch_size=None, collate_fn=_identity)
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> DataLoader:
         return self._evaluation_loader()
 
     def test_dataloader(self) -> DataLoader:
         return self._evaluation_loader()
 
-    def _evaluation_loader(self) -> DataLoader | list:
-        """One placeholder batch for ``validate`` / ``test``; none during ``fit``.
+    def _evaluation_loader(self) -> DataLoader:
+        """One placeholder batch for ``validate`` / ``test``.
 
         Meta-test trials are run by :class:`~lightning_htrmrl.callbacks.MetaTestEvaluation` (it
         needs the trial structure, not a data loader); during ``fit`` it runs every few epochs.
         """
-        if self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            return []
         return DataLoader([0], batch_size=None)
 
     def teardown(self, stage: str) -> None:

@@ -35,7 +35,6 @@ thread is fastest: more threads only contend with the simulator and the other wo
 from __future__ import annotations
 
 import copy
-import math
 import multiprocessing
 import os
 import pickle
@@ -53,6 +52,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from lightning_htrmrl.envs.metaworld import MAX_PATH_LENGTH, MetaWorld
 from lightning_htrmrl.models.policy import EpisodicContext
+from lightning_htrmrl.statistics import confidence_half_width
 from lightning_htrmrl.validation import ConfigError
 
 _KEY = "meta_test.metaworld"
@@ -436,7 +436,7 @@ def evaluate(module, benchmark: MetaWorld, protocol: MetaWorldProtocol, determin
     return {
         "protocol": "metaworld",
         "success": float(np.mean(success)),
-        "success_ci95": student_t_half_width(success),
+        "success_ci95": confidence_half_width(success) or 0.0,
         "return": float(np.mean([result.mean_return for result in played])),
         "success_per_round": success,
         "per_class": {name: float(np.mean([r.per_class[name] for r in played])) for name in classes},
@@ -449,12 +449,3 @@ def evaluate(module, benchmark: MetaWorld, protocol: MetaWorldProtocol, determin
         "deterministic": deterministic,
         "evaluator": "metaworld.evaluation.metalearning_evaluation",
     }
-
-
-def student_t_half_width(values: list[float]) -> float:
-    """Half-width of the Student-t 95 % interval of the mean of ``values`` (0 for fewer than 2)."""
-    if len(values) < 2:
-        return 0.0
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))

@@ -16,12 +16,12 @@ One training step consumes one batch of whole trials ``[B, K * L]`` from the col
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from typing import Callable, Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
@@ -31,14 +31,16 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 from torchrl.objectives.value.functional import reward2go
 
+from lightning_htrmrl.callbacks.clock import FrameRate, fit_timer, training_minutes
+from lightning_htrmrl.finite import raise_if_not_finite
 from lightning_htrmrl.memory import WINDOW_SELECTIONS, WindowSelection, episode_records
 from lightning_htrmrl.models import ContextEncoder, HierarchicalEncoder, make_actor, make_critic, make_policy
 from lightning_htrmrl.models.heads import Distribution
 from lightning_htrmrl.models.normalization import RunningMeanStd
 from lightning_htrmrl.runs import CHECKPOINT_KEY, library_versions
 from lightning_htrmrl.schedule import LinearToBudget, budget_progress
-from lightning_htrmrl.trials import episode_outcomes, last_step_of_episode
-from lightning_htrmrl.validation import ConfigError, require_positive
+from lightning_htrmrl.trials import last_step_of_episode, trial_metrics
+from lightning_htrmrl.validation import ConfigError, require_non_negative, require_positive
 
 EncoderFactory = Callable[[int, int], ContextEncoder]
 LOSS_KEYS = ("loss_objective", "loss_critic", "loss_entropy")
@@ -56,15 +58,12 @@ def check_learning_rate(optimizer: OptimizerCallable) -> None:
         probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
     except ValueError as error:  # torch's own checks, e.g. "Invalid learning rate: -1"
         words = {"learning rate": "lr", "epsilon": "eps", "beta": "betas", "momentum": "momentum"}
+        words |= {"weight_decay": "weight_decay", "dampening": "dampening"}
         key = next((name for word, name in words.items() if word in str(error)), "")
         raise ConfigError(f"model.optimizer.init_args{'.' + key if key else ''}: {error}") from None
     for group in probe.param_groups:
         if "lr" in group and not group["lr"] > 0:
             raise ConfigError(f"model.optimizer.init_args.lr must be > 0, got {group['lr']}")
-
-
-class NonFiniteError(RuntimeError):
-    """A loss or the weights became NaN or infinite: training stops before anything is saved."""
 
 
 class MetaPPO(LightningModule):
@@ -139,6 +138,8 @@ class MetaPPO(LightningModule):
             ("max_grad_norm", max_grad_norm),
         ):
             require_positive(f"model.{key}", value)
+        require_non_negative("model.entropy_coeff", entropy_coeff)
+        require_positive("model.critic_coeff", critic_coeff)
         if past_windows not in WINDOW_SELECTIONS:
             raise ConfigError(f"model.past_windows must be one of {list(WINDOW_SELECTIONS)}, got {past_windows!r}")
         if not 0.0 <= gamma <= 1.0 or not 0.0 <= gae_lambda <= 1.0:
@@ -175,9 +176,6 @@ class MetaPPO(LightningModule):
         self.register_buffer("frames", torch.zeros((), dtype=torch.long))
         self.register_buffer("ppo_updates", torch.zeros((), dtype=torch.long))  # PPO updates of the fit
         self.return_stats = RunningMeanStd()
-        self._last_batch_end: float | None = None
-        self._elapsed_s = 0.0  # training wall time before this process's fit started (resumed runs)
-        self._fit_clock: float | None = None
         self._buffer: TensorDictReplayBuffer | None = None
         self.resolved_config: str | None = None  # set by the CLI; stored in checkpoints
 
@@ -190,6 +188,12 @@ class MetaPPO(LightningModule):
     @property
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The frame-rate log, and a training clock (Lightning's Timer) where ``max_time`` has not
+        installed one already."""
+        has_timer = self._trainer is not None and fit_timer(self.trainer) is not None
+        return [FrameRate()] if has_timer else [FrameRate(), Timer()]
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict:
         optimizer = self.optimizer_factory(self.parameters())
@@ -279,18 +283,6 @@ class MetaPPO(LightningModule):
         weights = [size * len(counts) / total for size, total in zip(sizes[rank], totals, strict=True)]
         return sizes[rank], weights
 
-    def on_train_start(self) -> None:
-        self._fit_clock = time.perf_counter()
-
-    def elapsed_minutes(self) -> float:
-        """Wall-clock minutes of training (evaluations included), continued across resumes."""
-        running = time.perf_counter() - self._fit_clock if self._fit_clock is not None else 0.0
-        return (self._elapsed_s + running) / 60.0
-
-    def on_train_epoch_start(self) -> None:
-        # Evaluation and collector start-up happen between epochs: keep them out of the timings.
-        self._last_batch_end = None
-
     def set_learning_rate(self) -> float:
         """Apply the schedule's rate for the coming PPO update and return it.
 
@@ -336,64 +328,32 @@ class MetaPPO(LightningModule):
                         sums[key] += losses[key].detach().float().mean()
         return {f"train/{key}": value / updates for key, value in sums.items()}
 
-    def check_finite(self, metrics: dict[str, torch.Tensor]) -> None:
-        """Raise :class:`NonFiniteError` if a loss of this update or any weight is not finite.
-
-        Raised inside the training step, it stops the run before the epoch's checkpoint, so the
-        last ``last.ckpt`` keeps the last finite weights. Every DDP process raises at the same
-        step: gradients are averaged, so non-finite weights are the same everywhere.
-        """
-        where = f"step {self.global_step} (frame {int(self.frames)})"
-        for key, value in metrics.items():
-            if key.startswith("train/loss") and not torch.isfinite(value):
-                raise NonFiniteError(
-                    f"{where}: {key} is {value.item()}; training stopped, the last checkpoint keeps the last "
-                    "finite weights (a smaller model.optimizer.init_args.lr or model.max_grad_norm may help)"
-                )
-        if not torch.isfinite(torch.nn.utils.get_total_norm(self.parameters())):
-            names = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
-            raise NonFiniteError(
-                f"{where}: weights are not finite ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); "
-                "training stopped, the last checkpoint keeps the last finite weights"
-            )
-
     def update_input_norm(self, batch: TensorDictBase) -> None:
         """Merge the batch's tokens (every process's) into the encoder's input statistics."""
         gather = self.all_gather if self._world_size > 1 else None
         self.encoder.input_norm.update(batch["token"], gather)
 
     def training_step(self, batch: TensorDictBase, batch_idx: int) -> None:
-        update_start = time.perf_counter()
         metrics: dict[str, torch.Tensor] = {}
         if self.hparams.normalize_inputs and not self.encoder.input_norm.initialized:
             self.update_input_norm(batch)  # collected without statistics: it only initialises them
         else:
             metrics["train/lr"] = torch.tensor(self.set_learning_rate())
             metrics.update(self.ppo_update(batch))
-            self.check_finite(metrics)
+            raise_if_not_finite(metrics, self, f"step {self.global_step} (frame {int(self.frames)})")
             self.ppo_updates += 1
             if self.hparams.normalize_inputs:
                 self.update_input_norm(batch)
-        metrics.update(self.trial_metrics(batch, "meta_train"))
+        metrics.update(trial_metrics(batch, self.hparams.episodes_per_trial, self.hparams.episode_length, "meta_train"))
         # Frames and fps count every process (their shares may differ by a slot), so curves from
         # runs on different numbers of devices share one x-axis.
         frames = batch.numel()
         if self._world_size > 1:
             frames = int(self.trainer.strategy.reduce(torch.tensor(frames, device=self.device), reduce_op="sum"))
         self.frames += frames
-        # Where the wall time goes: waiting for the collector vs the PPO update (per iteration).
-        now = time.perf_counter()
-        metrics["time/update_s"] = torch.tensor(now - update_start)
-        if self._last_batch_end is not None:
-            metrics["time/collect_s"] = torch.tensor(update_start - self._last_batch_end)
-            metrics["time/fps"] = torch.tensor(frames / (now - self._last_batch_end))
-        self._last_batch_end = now
         metrics["train/frames"] = self.frames.float()
-        metrics["time/elapsed_min"] = torch.tensor(self.elapsed_minutes())
         self.log_dict(metrics, batch_size=1)
         progress = {"frames": self.frames.float(), "success": metrics["meta_train/success"]}
-        if "time/fps" in metrics:
-            progress["fps"] = metrics["time/fps"]
         self.log_dict(progress, prog_bar=True, logger=False, batch_size=1)
 
     def validation_step(self, batch: object, batch_idx: int) -> None:
@@ -411,13 +371,15 @@ class MetaPPO(LightningModule):
             "benchmark": datamodule.benchmark.describe() if datamodule is not None else None,
             "config": self.resolved_config,
             "torch_rng_state": torch.get_rng_state(),
-            "elapsed_s": self.elapsed_minutes() * 60.0,
+            "elapsed_s": training_minutes(self._trainer) * 60.0,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if CHECKPOINT_KEY not in checkpoint:
             raise ConfigError("ckpt_path: this checkpoint was not written by lightning_htrmrl (no 'htrmrl' entry)")
-        self._elapsed_s = float(checkpoint[CHECKPOINT_KEY].get("elapsed_s", 0.0))
+        # Checkpoints written before the clock was Lightning's Timer: its elapsed time from ours.
+        elapsed_s = float(checkpoint[CHECKPOINT_KEY].get("elapsed_s", 0.0))
+        checkpoint.setdefault("callbacks", {}).setdefault("Timer", {"time_elapsed": {"train": elapsed_s}})
         # Checkpoints written before inputs were normalised load with the identity normalisation.
         state = checkpoint.get("state_dict", {})
         for key, value in self.encoder.input_norm.state_dict(prefix="encoder.input_norm.").items():
@@ -435,16 +397,3 @@ class MetaPPO(LightningModule):
                 "note: ckpt_path: the checkpoint has no learning-rate schedule state (it trained at a constant "
                 "rate); model.lr_scheduler starts from its first step"
             )
-
-    def trial_metrics(self, trials: TensorDictBase, prefix: str) -> dict[str, torch.Tensor]:
-        """Success and return per episode index of a batch of whole trials ``[B, K*L]``.
-
-        An episode is a success if ``success`` is set at any of its steps.
-        """
-        k = self.hparams.episodes_per_trial
-        success, returns = episode_outcomes(trials, k, self.hparams.episode_length)
-        metrics = {f"{prefix}/success": success.mean(), f"{prefix}/return": returns.mean()}
-        for episode in range(k):
-            metrics[f"{prefix}/success_ep{episode + 1}"] = success[:, episode].mean()
-            metrics[f"{prefix}/return_ep{episode + 1}"] = returns[:, episode].mean()
-        return metrics

@@ -4,6 +4,9 @@ A run's files (TensorBoard events, ``metrics.csv``, ``config.yaml``, checkpoints
 ``meta_test.json``) share one folder, ``<save_dir>/<name>/version_N`` of its file loggers:
 ``runs/htrmrl/version_N`` by default, ``<D>/htrmrl/version_N`` with ``trainer.default_root_dir D``.
 Every run gets a new ``version_N``: nothing a previous run wrote is reused or overwritten.
+``--ckpt_path last`` / ``best`` pick the newest checkpoint of the same experiment (benchmark and
+encoder, read from each folder's ``config.yaml``), so runs of different experiments can share
+``runs/htrmrl`` without one resuming another's weights.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -107,20 +111,54 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def find_checkpoint(alias: str, runs: Path) -> Path:
-    """The newest ``last.ckpt`` (``alias="last"``) or ``best-*.ckpt`` (``"best"``) of ``runs/version_*``.
+def experiment_of(config) -> str:
+    """What makes two runs the same experiment: the benchmark (class, Meta-World benchmark and
+    task) and the encoder class, e.g. ``MetaWorld ML1 reach-v3 / HierarchicalEncoder``.
+
+    ``config`` is a run's config: the parsed namespace of a subcommand or a loaded ``config.yaml``.
+    """
+    benchmark = config.get("data", {}).get("benchmark") or {}
+    args = benchmark.get("init_args") or {}
+    names = [str(benchmark.get("class_path", "?")).rsplit(".", 1)[-1]]
+    names += [str(args[key]) for key in ("benchmark", "task_name") if args.get(key)]
+    encoder = config.get("model", {}).get("encoder") or {}
+    return f"{' '.join(names)} / {str(encoder.get('class_path', '?')).rsplit('.', 1)[-1]}"
+
+
+def _saved_experiment(version_folder: Path) -> str | None:
+    try:
+        return experiment_of(yaml.safe_load((version_folder / "config.yaml").read_text()))
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None  # no readable config.yaml: the folder's experiment is unknown
+
+
+def find_checkpoint(alias: str, runs: Path, experiment: str | None = None) -> Path:
+    """The newest ``last.ckpt`` (``alias="last"``) or ``best-*.ckpt`` (``"best"``) of ``runs/version_*``
+    whose run was ``experiment`` (see :func:`experiment_of`; None: any).
 
     Every run gets a new ``version_N``, so Lightning's own ``"last"`` (which looks in the new,
     empty folder) would silently start from scratch; this looks across the run name's folders.
     """
     pattern = CHECKPOINT_ALIASES[alias]
-    found = [path for path in runs.glob(f"version_*/checkpoints/{pattern}") if path.is_file()]
+    found = sorted(
+        (path for path in runs.glob(f"version_*/checkpoints/{pattern}") if path.is_file()),
+        key=lambda path: path.stat().st_mtime_ns,
+        reverse=True,
+    )
     if not found:
         raise ConfigError(
             f"ckpt_path {alias}: no {pattern} under {runs}/version_*/checkpoints; "
             "drop --ckpt_path to start a new run, or give a checkpoint file"
         )
-    return max(found, key=lambda path: path.stat().st_mtime_ns)
+    for path in found:
+        saved = _saved_experiment(path.parent.parent)
+        if experiment is None or saved in (experiment, None):
+            return path
+    raise ConfigError(
+        f"ckpt_path {alias}: the {pattern} files under {runs} are from other experiments (newest: {found[0]}, "
+        f"{_saved_experiment(found[0].parent.parent)}), not this config's ({experiment}); give a checkpoint file, "
+        "or drop --ckpt_path to start a new run"
+    )
 
 
 def check_checkpoint(path: str) -> dict:

@@ -32,3 +32,14 @@ def episode_outcomes(trials: TensorDictBase, episodes_per_trial: int, episode_le
     success = trials["next", "success"].reshape(shape).any(-1).float()
     returns = trials["next", "reward"].reshape(shape).sum(-1)
     return success, returns
+
+
+def trial_metrics(trials: TensorDictBase, episodes_per_trial: int, episode_length: int, prefix: str) -> dict:
+    """``{prefix}/success``, ``{prefix}/return`` and their ``_ep{k}`` per episode index (scalars) of
+    a batch of whole trials ``[B, K*L]``."""
+    success, returns = episode_outcomes(trials, episodes_per_trial, episode_length)
+    metrics = {f"{prefix}/success": success.mean(), f"{prefix}/return": returns.mean()}
+    for episode in range(episodes_per_trial):
+        metrics[f"{prefix}/success_ep{episode + 1}"] = success[:, episode].mean()
+        metrics[f"{prefix}/return_ep{episode + 1}"] = returns[:, episode].mean()
+    return metrics

@@ -15,3 +15,9 @@ def require_positive(key: str, value: int | float) -> None:
     """Raise :class:`ConfigError` naming ``key`` if ``value`` is not > 0."""
     if not value > 0:
         raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+
+def require_non_negative(key: str, value: int | float) -> None:
+    """Raise :class:`ConfigError` naming ``key`` if ``value`` is not >= 0 (seeds, coefficients)."""
+    if not value >= 0:
+        raise ConfigError(f"{key} must be >= 0, got {value!r}")

@@ -13,9 +13,8 @@ from tests.test_cli import CONF, TINY, run_cli
 
 BENCHMARKS = sorted(p.stem for p in (CONF / "benchmark").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-FRAGMENTS = sorted(
-    str(p.relative_to(CONF)) for folder in ("ablation", "trainer", "experiment") for p in (CONF / folder).glob("*.yaml")
-)
+FRAGMENT_FOLDERS = ("ablation", "trainer", "experiment", "logger")
+FRAGMENTS = sorted(str(p.relative_to(CONF)) for folder in FRAGMENT_FOLDERS for p in (CONF / folder).glob("*.yaml"))
 
 
 def _print_config(configs: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
@@ -63,6 +62,14 @@ def test_every_fragment_composes(fragment: str, capsys) -> None:
         )
     config = _print_config([benchmark, "model/htrmrl.yaml", fragment], capsys)
     assert config["model"]["encoder"]["init_args"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "logger").glob("*.yaml")))
+def test_a_logger_file_replaces_the_loggers_and_keeps_the_run_folder(name: str, capsys) -> None:
+    loggers = _print_config(["benchmark/point_robot.yaml", "model/htrmrl.yaml", f"logger/{name}.yaml"], capsys)
+    classes = [logger["class_path"].rsplit(".", 1)[-1] for logger in loggers["trainer"]["logger"]]
+    assert classes[0] == "CSVLogger" and "TensorBoardLogger" not in classes
+    assert {"csv": "CSVLogger", "wandb": "WandbLogger", "mlflow": "MLFlowLogger"}[name] in classes
 
 
 def test_ablation_values_reach_the_model(capsys) -> None:

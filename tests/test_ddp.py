@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import CONF, CONFIGS, REPO, TINY, stop_with_sigterm
+from tests.test_readme import readme_commands
 
 DDP_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
 DDP = ["--config", str(CONF / "trainer" / "ddp.yaml"), "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
@@ -202,21 +203,6 @@ def test_four_processes_on_ml1_with_more_processes_than_evaluation_parts(tmp_pat
     assert sum(results["trials_per_task"].values()) == 6 and set(results["trials_per_task"].values()) == {1}
 
 
-def readme_commands(program: str) -> list[list[str]]:
-    """The README's commands that start with ``program`` (continuation lines joined, comments dropped)."""
-    import shlex
-
-    text = (REPO / "README.md").read_text()
-    blocks = [block.split("```", 1)[0] for block in text.split("```bash\n")[1:]]
-    commands = []
-    for block in blocks:
-        for command in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(command, comments=True)
-            if words and words[0] == program:
-                commands.append(words)
-    return commands
-
-
 TINY_SIZES = [*TINY[TINY.index("--data.benchmark.init_args.episode_length"):][:4],
               *TINY[TINY.index("--model.encoder.init_args.num_episodes"):]]  # fmt: skip
 TINY_TRAINING = [*TINY_SIZES, "--trainer.max_epochs", "2", "--data.iterations_per_epoch", "2"]
@@ -295,11 +281,6 @@ def _expected_tasks(rank: int, world_size: int, num_envs: int, trial: int) -> li
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="SIGTERM under 2-process DDP can leave a process in a collective: when it arrives during the held-out "
-    "evaluation, rank 1 fails in torchmetrics' sync (gloo: connection closed by peer) and the job does not exit; "
-    "passes when the signal lands between batches"
-)
 def test_two_processes_stopped_by_sigterm_resume_their_frames_and_task_sequences(tmp_path: Path) -> None:
     batch_frames = 8 * 10 * 2
     args = [*POINT_ROBOT_20_GOALS, *_ddp(2), "--data.num_envs", "8", "--data.iterations_per_epoch", "1",

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import matplotlib.image
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_htrmrl.runs import share_run_directory
+from lightning_htrmrl.runs import experiment_of, find_checkpoint, share_run_directory
 from tests.test_cli import CONFIGS, TINY, run_cli
 
 
@@ -103,6 +104,38 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path: Path) -> None:
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "ckpt_path" in errors[0], result.stderr[-2000:]
         assert not list((tmp_path / "run").glob("runs/htrmrl/version_*/checkpoints"))
+
+
+def _saved_run(folder: Path, benchmark: dict, encoder: str, age_s: float) -> Path:
+    """A version folder with a config.yaml and a (real, tiny) last.ckpt written ``age_s`` seconds ago."""
+    (folder / "checkpoints").mkdir(parents=True)
+    config = {"data": {"benchmark": benchmark}, "model": {"encoder": {"class_path": encoder}}}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    last = folder / "checkpoints" / "last.ckpt"
+    last.write_bytes((Path(__file__).parent / "data" / "checkpoint_0.1.0" / "point_robot_tiny.ckpt").read_bytes())
+    os.utime(last, (time.time() - age_s,) * 2)
+    return last
+
+
+def test_ckpt_path_last_never_crosses_experiments(tmp_path: Path) -> None:
+    runs = tmp_path / "run" / "runs" / "htrmrl"
+    reach_args = {"benchmark": "ML1", "task_name": "reach-v3"}
+    reach = {"class_path": "lightning_htrmrl.envs.MetaWorld", "init_args": reach_args}
+    point_robot = {"class_path": "lightning_htrmrl.envs.PointRobot", "init_args": {"num_goals": 40}}
+    reach_last = _saved_run(runs / "version_0", reach, "lightning_htrmrl.models.HierarchicalEncoder", 60)
+    _saved_run(runs / "version_1", point_robot, "lightning_htrmrl.models.FlatTransformerEncoder", 0)
+    # The newest last.ckpt is another experiment's: `last` of ML1 reach / HTrMRL is the older one.
+    config = {"data": {"benchmark": reach}, "model": {"encoder": {"class_path": "HierarchicalEncoder"}}}
+    experiment = experiment_of(config)
+    assert experiment == "MetaWorld ML1 reach-v3 / HierarchicalEncoder"
+    assert find_checkpoint("last", runs, experiment) == reach_last
+    # A point-robot HTrMRL run finds only other experiments' checkpoints: one line naming both.
+    result, _ = run_cli(["fit", *CONFIGS, *TINY, "--ckpt_path", "last"], tmp_path / "run")
+    assert result.returncode == 2, result.stderr[-2000:]
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "PointRobot / FlatTransformerEncoder" in error
+    assert "not this config's (PointRobot / HierarchicalEncoder)" in error
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
 
 
 def test_killed_run_resumes_and_continues_its_counters(tmp_path: Path) -> None:

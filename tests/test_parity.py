@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import scipy.stats
 import torch
 from lightning.pytorch import Callback, Trainer
 
@@ -172,7 +173,8 @@ def test_meta_test_callback_covers_every_test_task_and_logs_the_adaptation_curve
     assert {key: float(value) for key, value in again.items()} == {key: callback.last_results[key] for key in again}
     # the confidence interval is over trials: one success rate (mean over the K episodes) per trial
     trial_success = trials["next", "success"].reshape(num_tasks, K, -1).any(-1).float().mean(-1)
-    torch.testing.assert_close(again["meta_test/success_ci95"], 1.96 * trial_success.std() / num_tasks**0.5)
+    t_975 = float(scipy.stats.t.ppf(0.975, num_tasks - 1))
+    torch.testing.assert_close(again["meta_test/success_ci95"], t_975 * trial_success.std() / num_tasks**0.5)
     assert callback.last_results["time/eval_s"] > 0
     returns = torch.stack([again[f"meta_test/return_ep{k}"] for k in range(1, K + 1)])
     torch.testing.assert_close(returns.mean(), again["meta_test/return"])

@@ -27,7 +27,7 @@ import torch
 
 from lightning_htrmrl.envs.base import Split, TaskDistribution, check_split
 from lightning_htrmrl.envs.trial import TrialEnv
-from lightning_htrmrl.validation import ConfigError, require_positive
+from lightning_htrmrl.validation import ConfigError, require_non_negative, require_positive
 
 if TYPE_CHECKING:
     from metaworld import Benchmark
@@ -280,6 +280,7 @@ class MetaWorld(TaskDistribution):
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigError(f"{_KEY}.seed must be an integer, got {seed!r}")
+        require_non_negative(f"{_KEY}.seed", seed)
         require_positive(f"{_KEY}.reward_scale", reward_scale)
         self.benchmark = benchmark
         self.task_name = task_name
