@@ -133,6 +133,22 @@ def quiet_library_notices() -> None:
         logging.getLogger(name).addFilter(lambda record: "litlogger" not in record.getMessage())
 
 
+def config_error_within(error: Exception) -> Exception:
+    """The :class:`ConfigError` that ``error`` wraps, or ``error`` itself if it is one or an
+    ``ArgumentError``; re-raises any other error.
+
+    jsonargparse wraps an error raised while building a class given in a union-typed key (a
+    callback, a logger, ``meta_test.metaworld``) in a ``ValueError`` listing every union member;
+    the user needs only the one line from the class itself.
+    """
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, (ConfigError, ArgumentError)):
+            return cause
+        cause = cause.__cause__
+    raise error
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the CLI.
 
@@ -158,7 +174,8 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             args=args,
         )
-    except (ConfigError, ArgumentError) as error:
+    except (ConfigError, ArgumentError, ValueError) as error:
+        error = config_error_within(error)
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         for key, allowed in ALLOWED_CLASSES.items():
             if f'Parser key "{key}"' in message:

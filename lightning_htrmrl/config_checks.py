@@ -22,6 +22,9 @@ TRAINER_LOWER_BOUNDS = {
     "reload_dataloaders_every_n_epochs": (0, None, ""),
 }
 
+# logger init_args the loggers take at values that stop them writing (or fail later): smallest allowed
+LOGGER_LOWER_BOUNDS = {"flush_logs_every_n_steps": 1, "max_queue": 1, "flush_secs": 1}
+
 
 def planned_world_size(trainer_config) -> int | None:
     """The number of training processes the trainer config (or a launcher such as torchrun) asks
@@ -73,9 +76,10 @@ def check_trainer_numbers(trainer_config) -> None:
         )
     for index, logger in enumerate(trainer_config.get("logger") or []):
         args = getattr(logger, "init_args", None) or {}
-        flush = args.get("flush_logs_every_n_steps")
-        if flush is not None and flush < 1:
-            raise ConfigError(f"trainer.logger[{index}].init_args.flush_logs_every_n_steps must be >= 1, got {flush}")
+        for key, lowest in LOGGER_LOWER_BOUNDS.items():
+            value = args.get(key)
+            if value is not None and value < lowest:
+                raise ConfigError(f"trainer.logger[{index}].init_args.{key} must be >= {lowest}, got {value}")
 
 
 def check_seed(seed: object) -> None:

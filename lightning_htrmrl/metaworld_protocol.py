@@ -96,9 +96,10 @@ class MetaWorldProtocol:
                 f"{_KEY}.max_episode_steps must be <= {MAX_PATH_LENGTH} (Meta-World's max_path_length), "
                 f"got {self.max_episode_steps}"
             )
-        workers = self.num_workers
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise ConfigError(f"{_KEY}.num_workers must be an integer >= 1 or null, got {workers!r}")
+        for key in ("meta_batch_size", "num_workers"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{_KEY}.{key} must be an integer >= 1 or null, got {value!r}")
 
     def sub_envs(self, num_test_classes: int) -> int:
         """The number of sub-envs, checked against Meta-World's even split of each class's goals."""

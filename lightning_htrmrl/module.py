@@ -52,8 +52,9 @@ UPDATE_KEYS = (
 )
 
 
-def check_learning_rate(optimizer: OptimizerCallable) -> None:
-    """Build the optimizer on a probe parameter now, so a bad ``lr`` fails before any heavy work."""
+def check_optimization(optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None) -> None:
+    """Build the optimizer and the scheduler on a probe parameter now, so that bad arguments fail
+    before any heavy work (they are built for real in ``configure_optimizers``, inside ``fit``)."""
     try:
         probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
     except ValueError as error:  # torch's own checks, e.g. "Invalid learning rate: -1"
@@ -64,6 +65,13 @@ def check_learning_rate(optimizer: OptimizerCallable) -> None:
     for group in probe.param_groups:
         if "lr" in group and not group["lr"] > 0:
             raise ConfigError(f"model.optimizer.init_args.lr must be > 0, got {group['lr']}")
+    if lr_scheduler is not None:
+        try:
+            lr_scheduler(probe)
+        except ValueError as error:  # torch's own checks, e.g. LinearLR's start_factor
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError(f"model.lr_scheduler.init_args: {error}") from None
 
 
 class MetaPPO(LightningModule):
@@ -138,6 +146,9 @@ class MetaPPO(LightningModule):
             ("max_grad_norm", max_grad_norm),
         ):
             require_positive(f"model.{key}", value)
+        for key, sizes in (("actor_hidden", actor_hidden), ("critic_hidden", critic_hidden)):
+            if any(isinstance(size, bool) or not isinstance(size, int) or size < 1 for size in sizes):
+                raise ConfigError(f"model.{key} must be layer widths >= 1, got {list(sizes)}")
         require_non_negative("model.entropy_coeff", entropy_coeff)
         require_positive("model.critic_coeff", critic_coeff)
         if past_windows not in WINDOW_SELECTIONS:
@@ -171,7 +182,7 @@ class MetaPPO(LightningModule):
         self.advantage_module = GAE(gamma=gamma, lmbda=gae_lambda, value_network=None)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        check_learning_rate(optimizer)
+        check_optimization(optimizer, lr_scheduler)
         self.automatic_optimization = False
         self.register_buffer("frames", torch.zeros((), dtype=torch.long))
         self.register_buffer("ppo_updates", torch.zeros((), dtype=torch.long))  # PPO updates of the fit

@@ -30,9 +30,10 @@ class LinearToBudget(LRScheduler):
     """
 
     def __init__(self, optimizer: Optimizer, start_factor: float = 1.0, end_factor: float = 0.0) -> None:
-        for key, value in (("start_factor", start_factor), ("end_factor", end_factor)):
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"model.lr_scheduler.init_args.{key} must lie in [0, 1], got {value}")
+        if not 0.0 < start_factor <= 1.0:
+            raise ConfigError(f"model.lr_scheduler.init_args.start_factor must lie in (0, 1], got {start_factor}")
+        if not 0.0 <= end_factor <= 1.0:
+            raise ConfigError(f"model.lr_scheduler.init_args.end_factor must lie in [0, 1], got {end_factor}")
         self.start_factor = start_factor
         self.end_factor = end_factor
         self.progress = 0.0

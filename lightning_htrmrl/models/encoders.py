@@ -34,6 +34,15 @@ from lightning_htrmrl.trials import token_dim
 from lightning_htrmrl.validation import ConfigError, require_positive
 
 
+def check_transformer_shape(**sizes: int) -> None:
+    """Every size (``model.encoder.init_args.<name>``) > 0, and ``d_model`` divisible by ``num_heads``."""
+    for key, value in sizes.items():
+        require_positive(f"model.encoder.init_args.{key}", value)
+    d_model, num_heads = sizes["d_model"], sizes["num_heads"]
+    if d_model % num_heads:
+        raise ConfigError(f"model.encoder.init_args.d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+
+
 class ContextEncoder(nn.Module, abc.ABC):
     """Base class.
 
@@ -192,10 +201,9 @@ class HierarchicalEncoder(ContextEncoder):
         inter_positional: bool = False,
     ) -> None:
         super().__init__(obs_dim, action_dim, num_episodes, window, state_embedding_dim)
-        if d_model % num_heads:
-            raise ConfigError(
-                f"model.encoder.init_args.d_model ({d_model}) must be divisible by num_heads ({num_heads})"
-            )
+        check_transformer_shape(
+            d_model=d_model, num_heads=num_heads, intra_layers=intra_layers, inter_layers=inter_layers, ff_dim=ff_dim
+        )
         self.d_model = d_model
         self.intra = SequenceEncoder(self.token_dim, d_model, num_heads, intra_layers, ff_dim, max_len=window)
         self.inter = make_transformer(d_model, num_heads, inter_layers, ff_dim)
@@ -283,10 +291,7 @@ class FlatTransformerEncoder(ContextEncoder):
         causal: bool = True,
     ) -> None:
         super().__init__(obs_dim, action_dim, num_episodes, window, state_embedding_dim)
-        if d_model % num_heads:
-            raise ConfigError(
-                f"model.encoder.init_args.d_model ({d_model}) must be divisible by num_heads ({num_heads})"
-            )
+        check_transformer_shape(d_model=d_model, num_heads=num_heads, num_layers=num_layers, ff_dim=ff_dim)
         self.d_model = d_model
         self.encoder = SequenceEncoder(
             self.token_dim, d_model, num_heads, num_layers, ff_dim, max_len=num_episodes * window, causal=causal
