@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lightning_htrmrl.statistics import confidence_half_width
+from lightning_htrmrl.statistics import confidence_half_width, difference_half_width
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -145,6 +145,13 @@ def read_curve(run: Path) -> dict:
 
     evaluations, frames = [], 0.0
     episodes = sorted(int(k.rsplit("ep", 1)[1]) for k in rows[0] if k.startswith("meta_test/success_ep"))
+    # ML10 / ML45: success per task class, held-out and training (absent for one class)
+    test_classes = [k for k in rows[0] if k.startswith("meta_test/success_class/")]
+    train_classes = [k for k in rows[0] if k.startswith("meta_train/success_class/")]
+
+    def per_class(row: dict, keys: list[str]) -> dict:
+        return {key.rsplit("/", 1)[1]: value(row, key) for key in keys if value(row, key) is not None}
+
     for row in rows:
         frames = value(row, "train/frames") or frames
         success = value(row, "meta_test/success")
@@ -159,6 +166,7 @@ def read_curve(run: Path) -> dict:
                 "success_ci95": value(row, "meta_test/success_ci95"),
                 "success_per_episode": [value(row, f"meta_test/success_ep{k}") for k in episodes],
                 "return_per_episode": [value(row, f"meta_test/return_ep{k}") for k in episodes],
+                **({"success_per_class": per_class(row, test_classes)} if test_classes else {}),
             }
         )
     train_rows = [row for row in rows if value(row, "meta_train/success") is not None]
@@ -167,6 +175,7 @@ def read_curve(run: Path) -> dict:
         {
             "frames": int(value(row, "train/frames")),
             "success_per_episode": [round(value(row, f"meta_train/success_ep{k}"), 4) for k in episodes],
+            **({"success_per_class": per_class(row, train_classes)} if train_classes else {}),
         }
         for row in train_rows
     ]
@@ -503,6 +512,14 @@ def main() -> None:
         summaries.append(summary)
         curves[name] = curve
 
+    # Every other variant against the first: difference of the final success means, Welch 95 % interval.
+    reference = summaries[0]
+    for summary in summaries[1:]:
+        ours, theirs = summary["final_success_per_seed"], reference["final_success_per_seed"]
+        summary[f"minus_{reference['variant']}"] = {
+            "final_success": float(np.mean(ours) - np.mean(theirs)),
+            "ci95": difference_half_width(ours, theirs),
+        }
     seeds = sorted({seed for summary in summaries for seed in summary["seeds"]})
     title = f"{args.benchmark}: held-out success, seeds {seeds}, budget {budget_name}"
     report = {"benchmark": args.benchmark, "budget": budget, "machine": machine(), "variants": summaries}
