@@ -135,6 +135,24 @@ def test_success_only_reward_is_one_exactly_where_the_task_is_solved() -> None:
     env.close()
 
 
+def test_near_goal_reward_pays_the_shaped_reward_only_within_the_radius() -> None:
+    """The same scripted reach under both rewards: ``near_goal`` is 0 while the hand is far from the
+    goal (it starts 0.2 m or more away) and Meta-World's scaled reward once within the radius."""
+    rewards = {}
+    for reward in ("metaworld", "near_goal"):
+        benchmark = MetaWorld("ML1", "reach-v3", episode_length=60, episodes_per_trial=1, reward=reward, reward_radius=0.1)
+        env = benchmark.make_env("train", num_envs=1)
+        td = env.rollout(60, _reacher(env), break_when_any_done=False)
+        rewards[reward] = td["next", "reward"][0, :, 0]
+        env.close()
+    assert benchmark.describe()["reward"] == "near_goal" and benchmark.describe()["reward_radius"] == 0.1
+    shaped, near = rewards["metaworld"], rewards["near_goal"]
+    paid = near > 0
+    assert not paid[0] and paid[-1]  # far at the start, within 0.1 m at the end
+    assert torch.equal(near[paid], shaped[paid]) and (near[~paid] == 0).all()
+    assert paid.int().diff().ge(0).all()  # the reacher only comes closer: unpaid steps, then paid ones
+
+
 def test_seeding_is_reproducible(ml1: MetaWorld) -> None:
     env = ml1.make_env("train", num_envs=M, seed=5)
     runs = []
@@ -210,7 +228,8 @@ def test_ml45_splits_are_disjoint_classes() -> None:
         (dict(benchmark="ML10", task_name="reach-v3"), ["task_name must be null for ML10"]),
         (dict(episode_length=501), ["episode_length must be <= 500"]),
         (dict(hidden_observation_dims=[4, 39]), ["hidden_observation_dims must be indices in [0, 38]"]),
-        (dict(reward="sparse"), ["reward must be one of ['metaworld', 'success'], got 'sparse'"]),
+        (dict(reward="sparse"), ["reward must be one of ['metaworld', 'success', 'near_goal'], got 'sparse'"]),
+        (dict(reward_radius=0.0), ["reward_radius must be > 0"]),
     ],
 )
 def test_bad_config_fails_fast_without_benchmark(monkeypatch, kwargs: dict, needles: list[str]) -> None:

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 BENCHMARKS: tuple[str, ...] = ("ML1", "ML10", "ML45")
 MAX_PATH_LENGTH = 500  # Meta-World's max_path_length: a raw env raises if stepped past it
 REWARD_FUNCTION_VERSION = "v2"  # passed to every env class (also Meta-World's default)
-Reward = Literal["metaworld", "success"]
-REWARDS = ("metaworld", "success")
+Reward = Literal["metaworld", "success", "near_goal"]
+REWARDS = ("metaworld", "success", "near_goal")
 OBS_DIM = 39
 ACTION_DIM = 4
 _KEY = "data.benchmark.init_args"  # where the options live in the config (error messages)
@@ -88,8 +88,11 @@ class MetaWorldEnv(TrialEnv):
         classes: env class name -> env class, covering every ``task.env_name`` in ``tasks``.
         reward_scale: factor applied to Meta-World's reward (0..10 per step) before it is emitted
             (and before it enters the token).
-        reward: ``metaworld`` (its shaped reward, times ``reward_scale``) or ``success`` (1 at
-            every step where the task is solved, else 0; ``reward_scale`` is not applied).
+        reward: ``metaworld`` (its shaped reward, times ``reward_scale``), ``success`` (1 at
+            every step where the task is solved, else 0; ``reward_scale`` is not applied) or
+            ``near_goal`` (the shaped reward times ``reward_scale`` where Meta-World's
+            ``obj_to_target`` distance is at most ``reward_radius``, else 0).
+        reward_radius: metres from the target within which ``near_goal`` pays.
         reward_function_version: Meta-World reward version passed to the env classes.
         max_pooled: most idle instances kept for reuse (default ``num_envs``).
         hidden_observation_dims: observation entries replaced by 0 before the policy sees them.
@@ -107,6 +110,7 @@ class MetaWorldEnv(TrialEnv):
         *,
         reward_scale: float = 1.0,
         reward: Reward = "metaworld",
+        reward_radius: float = 0.15,
         reward_function_version: str = REWARD_FUNCTION_VERSION,
         max_pooled: int | None = None,
         hidden_observation_dims: Sequence[int] = (),
@@ -120,6 +124,7 @@ class MetaWorldEnv(TrialEnv):
         self.classes = dict(classes)
         self.reward_scale = float(reward_scale)
         self.reward = reward
+        self.reward_radius = float(reward_radius)
         self.reward_function_version = reward_function_version
         self.hidden_observation_dims = list(hidden_observation_dims)
         self.task_class_names = [t.env_name for t in self.tasks]
@@ -133,6 +138,7 @@ class MetaWorldEnv(TrialEnv):
         self._obs_buf = np.zeros((self.num_envs, OBS_DIM), dtype=np.float32)
         self._reward_buf = np.zeros(self.num_envs, dtype=np.float64)
         self._success_buf = np.zeros(self.num_envs, dtype=bool)
+        self._to_target_buf = np.zeros(self.num_envs, dtype=np.float64)
         self._reset_buf = np.zeros((self.num_envs, OBS_DIM), dtype=np.float32)
         used = sorted(set(self.task_class_names))
         if len(used) == 1:
@@ -193,8 +199,14 @@ class MetaWorldEnv(TrialEnv):
             obs_buf[i] = obs
             reward_buf[i] = reward
             success_buf[i] = info["success"]  # python float 0.0/1.0 (False after a sim exception)
+            self._to_target_buf[i] = info["obj_to_target"]  # every v3 task reports it
         obs_buf[:, self.hidden_observation_dims] = 0.0
-        reward = success_buf if self.reward == "success" else reward_buf * self.reward_scale
+        if self.reward == "success":
+            reward = success_buf
+        elif self.reward == "near_goal":
+            reward = reward_buf * self.reward_scale * (self._to_target_buf <= self.reward_radius)
+        else:
+            reward = reward_buf * self.reward_scale
         return (
             torch.from_numpy(obs_buf.copy()),
             torch.from_numpy(reward.astype(np.float32)),
@@ -233,11 +245,16 @@ class MetaWorld(TaskDistribution):
             ``[4, 5, 6, 22, 23, 24]`` hides reach-v3's puck, whose position is drawn with the goal
             and so identifies each training goal (a shortcut to memorising them; hidden in
             ``conf/benchmark/ml1_reach.yaml``).
-        reward: ``metaworld`` (default: Meta-World's shaped reward, times ``reward_scale``) or
-            ``success`` (1 at every step where the task is solved, else 0): with a success-only
-            reward nothing tells an agent where the goal lies until it reaches it, so a goal found
-            in one episode must be remembered in the next (the case cross-episode memory is for).
-            Stored in checkpoints and ``meta_test.json`` (``describe``).
+        reward: ``metaworld`` (default: Meta-World's shaped reward, times ``reward_scale``),
+            ``success`` (1 at every step where the task is solved, else 0) or ``near_goal`` (the
+            shaped reward, times ``reward_scale``, only where Meta-World's ``obj_to_target``
+            distance is within ``reward_radius``, else 0: the sparse point robot's reward on
+            Meta-World). With either of the last two nothing tells an agent where the goal lies
+            until it comes near, so a goal found in one episode must be remembered in the next
+            (the case cross-episode memory is for). On reach-v3 an untrained policy never earns
+            the success-only reward (benchmarks/README.md). Stored in checkpoints and
+            ``meta_test.json`` (``describe``).
+        reward_radius: metres (hand or object to target) within which ``near_goal`` pays.
 
     The constructor only validates; the metaworld benchmark object is built on first use
     (:meth:`task_names`, :meth:`make_env`, ...) and cached per process.
@@ -256,6 +273,7 @@ class MetaWorld(TaskDistribution):
         reward_scale: float = 0.1,
         hidden_observation_dims: list[int] | None = None,
         reward: Reward = "metaworld",
+        reward_radius: float = 0.15,
     ) -> None:
         super().__init__(episode_length, episodes_per_trial)
         if reward not in REWARDS:
@@ -282,12 +300,14 @@ class MetaWorld(TaskDistribution):
             raise ConfigError(f"{_KEY}.seed must be an integer, got {seed!r}")
         require_non_negative(f"{_KEY}.seed", seed)
         require_positive(f"{_KEY}.reward_scale", reward_scale)
+        require_positive(f"{_KEY}.reward_radius", reward_radius)
         self.benchmark = benchmark
         self.task_name = task_name
         self.seed = seed
         self.reward_scale = float(reward_scale)
         self.hidden_observation_dims = hidden
         self.reward = reward
+        self.reward_radius = float(reward_radius)
 
     # ------------------------------------------------------------------ splits
     def metaworld_benchmark(self) -> Benchmark:
@@ -336,6 +356,7 @@ class MetaWorld(TaskDistribution):
             self.classes(split),
             reward_scale=self.reward_scale,
             reward=self.reward,
+            reward_radius=self.reward_radius,
             hidden_observation_dims=self.hidden_observation_dims,
             num_envs=num_envs,
             episode_length=self.episode_length,
@@ -353,6 +374,7 @@ class MetaWorld(TaskDistribution):
             benchmark_seed=self.seed,
             reward_scale=self.reward_scale,
             reward=self.reward,
+            reward_radius=self.reward_radius,
             hidden_observation_dims=self.hidden_observation_dims,
             reward_function_version=REWARD_FUNCTION_VERSION,
             metaworld_version=importlib.metadata.version("metaworld"),
