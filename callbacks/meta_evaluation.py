@@ -172,6 +172,9 @@ class MetaTestEvaluation(Callback):
             trial_success = pl_module.all_gather(F.pad(trial_success, (0, pad))).flatten()
             trial_success, task_ids = trial_success[task_ids >= 0], task_ids[task_ids >= 0]
         self._per_task = self._task_table(trainer, task_ids.cpu(), trial_success.cpu())
+        if len(self._per_task["per_class"]) > 1:  # ML10 / ML45: held-out success of each class
+            for name, value in self._per_task["per_class"].items():
+                metrics[f"{self.prefix}/success_class/{name}"] = torch.tensor(value)
         half_width = confidence_half_width(trial_success.tolist())
         metrics[f"{self.prefix}/success_ci95"] = torch.tensor(half_width or 0.0)
         return metrics

@@ -31,6 +31,7 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 from torchrl.objectives.value.functional import reward2go
 
+from lightning_htrmrl.callbacks.class_success import ClassSuccess
 from lightning_htrmrl.callbacks.clock import FrameRate, fit_timer, training_minutes
 from lightning_htrmrl.finite import raise_if_not_finite
 from lightning_htrmrl.memory import WINDOW_SELECTIONS, WindowSelection, episode_records
@@ -201,10 +202,10 @@ class MetaPPO(LightningModule):
         return self.trainer.world_size if self._trainer is not None else 1
 
     def configure_callbacks(self) -> list[Callback]:
-        """The frame-rate log, and a training clock (Lightning's Timer) where ``max_time`` has not
-        installed one already."""
+        """The frame-rate log, training success per task class, and a training clock (Lightning's
+        Timer) where ``max_time`` has not installed one already."""
         has_timer = self._trainer is not None and fit_timer(self.trainer) is not None
-        return [FrameRate()] if has_timer else [FrameRate(), Timer()]
+        return [FrameRate(), ClassSuccess()] + ([] if has_timer else [Timer()])
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict:
         optimizer = self.optimizer_factory(self.parameters())

@@ -222,6 +222,8 @@ def test_the_readme_ddp_commands_run_as_written(tmp_path: Path, benchmark: str) 
     (words,) = [words for words in commands if f"conf/benchmark/{benchmark}.yaml" in words]
     tiny = [*TINY_TRAINING, "--trainer.accelerator", "cpu", "--data.num_collectors", "1",
             "--meta_test.num_workers", "1"]  # fmt: skip
+    if benchmark == "ml10":  # uneven shares; 20 of the 250 held-out tasks
+        tiny += ["--data.num_envs", "10", "--meta_test.num_trials", "20", "--meta_test.num_envs", "10"]
     result = _htrmrl([*_absolute(words[2:]), *tiny], tmp_path, words[1], timeout=420)
     assert result.returncode == 0, result.stderr[-3000:]
     num_envs = {"ml10": 10, "point_robot": 64}[benchmark]
@@ -231,6 +233,12 @@ def test_the_readme_ddp_commands_run_as_written(tmp_path: Path, benchmark: str) 
     assert max(_column(rows, "ddp/weight_spread")) == 0.0
     results = _meta_test(tmp_path, "version_0")
     assert sum(results["trials_per_task"].values()) == results["num_trials"]
+    if benchmark == "ml10":  # success per class, training (all 10 classes, over all processes) and held-out
+        train_columns = {key for key in rows[0] if key.startswith("meta_train/success_class/")}
+        assert 5 <= len(train_columns) <= 10 and all(key.endswith("-v3") for key in train_columns)  # 40 trials drawn
+        assert all(0.0 <= value <= 1.0 for key in train_columns for value in _column(rows, key))
+        held_out = {name: _column(rows, f"meta_test/success_class/{name}")[-1] for name in results["per_class"]}
+        assert len(held_out) > 1 and held_out == pytest.approx(results["per_class"])
 
 
 @pytest.mark.slow
