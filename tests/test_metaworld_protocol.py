@@ -36,6 +36,7 @@ def _meta_test(folder: Path, version: int) -> dict:
     return json.loads((folder / f"runs/htrmrl/version_{version}/meta_test.json").read_text())
 
 
+@pytest.mark.slow
 def test_official_protocol_measures_what_ours_measures(reach_checkpoint: Path, tmp_path: Path) -> None:
     """Same checkpoint, same 50 held-out goals, acting with the mean: our trials of K = 2 episodes and
     Meta-World's evaluator with 1 adaptation + 1 evaluation episode of L steps, 50 rounds of its one

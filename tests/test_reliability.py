@@ -155,6 +155,7 @@ def test_interrupt_with_collector_processes_exits_cleanly_and_resumes(
     assert _frames(tmp_path / "runs/htrmrl/version_1")[0] == saved_frames + FRAMES_PER_BATCH  # 2 processes x 2 slots
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_other_seed_other_metrics(tmp_path: Path) -> None:
     """Same seed and config, one process (with 2 collector processes): the same losses and held-out
     success, bitwise; another seed: other values. Times (``time/*``) differ, by nature."""
