@@ -21,7 +21,8 @@ else the last in-training evaluation) as the mean over seeds with a Student-t 95
 interval, the final success per episode index, and the first minute and frame count at which the
 seed-mean success of the in-training evaluations reaches ``--target``. ``<out>/learning.json`` holds
 the curves and the summary, ``<out>/learning.png`` held-out success vs frames and vs minutes (mean
-line, band = 95 % interval over seeds). The last stdout line is one JSON object.
+line, band = 95 % interval over seeds) and, where the runs log success per task class (ML10, ML45),
+``<out>/per_class.png`` (``class_curves.py``). The last stdout line is one JSON object.
 
 Variants are model configs (``htrmrl``, ``trmrl``, ``mlp`` = ``conf/model/<name>.yaml``) or
 ``NAME=conf/a.yaml,conf/b.yaml`` (files composed after ``conf/base.yaml`` and the benchmark
@@ -49,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from class_curves import has_classes, plot_per_class  # this folder's module
 
 from lightning_htrmrl.statistics import confidence_half_width, difference_half_width
 
@@ -476,7 +478,7 @@ def main() -> None:
     extra = [part for item in args.set for part in f"--{item.removeprefix('--')}".split("=", 1)]
     variants = [parse_variant(spec) for spec in args.variants]
 
-    summaries, curves = [], {}
+    summaries, curves, results_by_variant = [], {}, {}
     for name, variant_args in variants:
         results = []
         for seed in args.seeds:
@@ -511,6 +513,7 @@ def main() -> None:
         summary, curve = summarize(name, results, budget, args.target)
         summaries.append(summary)
         curves[name] = curve
+        results_by_variant[name] = results
 
     # Every other variant against the first: difference of the final success means, Welch 95 % interval.
     reference = summaries[0]
@@ -525,6 +528,8 @@ def main() -> None:
     report = {"benchmark": args.benchmark, "budget": budget, "machine": machine(), "variants": summaries}
     (out / "learning.json").write_text(json.dumps({**report, "curves": curves}, indent=1))
     plot(out / "learning.png", curves, title)
+    if has_classes(results_by_variant):
+        plot_per_class(out / "per_class.png", results_by_variant, f"{args.benchmark}: success per task class")
     print(json.dumps(report))
 
 

@@ -140,7 +140,9 @@ def test_near_goal_reward_pays_the_shaped_reward_only_within_the_radius() -> Non
     goal (it starts 0.2 m or more away) and Meta-World's scaled reward once within the radius."""
     rewards = {}
     for reward in ("metaworld", "near_goal"):
-        benchmark = MetaWorld("ML1", "reach-v3", episode_length=60, episodes_per_trial=1, reward=reward, reward_radius=0.1)
+        benchmark = MetaWorld(
+            "ML1", "reach-v3", episode_length=60, episodes_per_trial=1, reward=reward, reward_radius=0.1
+        )
         env = benchmark.make_env("train", num_envs=1)
         td = env.rollout(60, _reacher(env), break_when_any_done=False)
         rewards[reward] = td["next", "reward"][0, :, 0]
